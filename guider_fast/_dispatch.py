@@ -1,0 +1,111 @@
+"""Backend choice for every op: ``auto``, an explicit name, or the environment override.
+
+Rules
+-----
+* ``backend="torch"`` (the reference, vectorised torch code) runs everywhere.
+* ``backend="triton"`` runs Triton kernels: CUDA tensors with triton installed, or
+  CPU tensors under ``TRITON_INTERPRET=1`` (the interpreter, for tests).
+* ``backend="cuda"`` runs the compiled extension ``guider_fast._C`` on CUDA tensors.
+* ``backend="auto"`` takes, for the tensors' device, the first available of
+  ``cuda``, ``triton``, ``torch`` that implements the op; on CPU it is always
+  ``torch`` (the Triton interpreter is a test vehicle, not a fast path).
+* ``GUIDER_FAST_BACKEND=<name>`` replaces ``"auto"`` (an explicit argument wins).
+* An explicitly requested backend that cannot run raises ``RuntimeError`` saying why.
+
+Nothing here initialises CUDA at import time: probes run on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+# op name -> backend name -> implementation
+_REGISTRY: Dict[str, Dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = fn
+
+
+def registered_ops():
+    return sorted(_REGISTRY)
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'guider_fast[triton]')"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "tensors are on CPU and TRITON_INTERPRET=1 is not set (Triton needs a GPU otherwise)"
+        return None
+    if device.type != "cuda":
+        return f"Triton kernels do not run on {device.type} tensors"
+    return None
+
+
+def _cuda_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
+    if importlib.util.find_spec("guider_fast._C") is None:
+        return "the CUDA extension guider_fast._C is not built (build with GUIDER_FAST_BUILD_CUDA=1 pip install -e .)"
+    return None
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run ``op`` on ``device``, else a sentence saying why not."""
+    if backend == "torch":
+        return None
+    platform_reason = _triton_reason(device) if backend == "triton" else _cuda_reason(device)
+    if platform_reason is not None:
+        return platform_reason
+    if backend not in _REGISTRY.get(op, {}):
+        return f"this version of guider_fast has no {backend} kernel for {op}"
+    return None
+
+
+def requested_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("GUIDER_FAST_BACKEND", "").strip()
+        if env:
+            if env not in ("auto",) + BACKENDS:
+                raise ValueError(
+                    f"GUIDER_FAST_BACKEND must be one of {['auto', *BACKENDS]}, got {env!r}")
+            return env
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device):
+    """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
+    choice = requested_backend(backend)
+    impls = _REGISTRY.get(op, {})
+    if choice == "auto":
+        order = ("torch",) if device.type == "cpu" else _AUTO_ORDER
+        for name in order:
+            if name in impls and unavailable_reason(op, name, device) is None:
+                return name, impls[name]
+        raise RuntimeError(f"no backend can run {op} on {device}")  # torch is always registered
+    reason = unavailable_reason(op, choice, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={choice!r} cannot run {op}: {reason}")
+    return choice, impls[choice]
+
+
+def backend_report(device: torch.device) -> Dict[str, Optional[str]]:
+    """Backend name -> None if usable on ``device`` for at least one op, else the reason."""
+    report = {}
+    for name in BACKENDS:
+        reasons = [unavailable_reason(op, name, device) for op in registered_ops()]
+        usable = any(r is None for r in reasons)
+        report[name] = None if usable else (reasons[0] if reasons else "no ops registered")
+    return report

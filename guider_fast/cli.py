@@ -1,0 +1,56 @@
+"""``guider-fast`` console entry point."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+
+def _version_of(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def info(out=sys.stdout) -> int:
+    import torch
+
+    import guider_fast
+    from guider_fast import _dispatch
+
+    print(f"guider_fast {guider_fast.__version__}", file=out)
+    print(f"python      {platform.python_version()} ({platform.machine()})", file=out)
+    print(f"torch       {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})", file=out)
+    for dist in ("triton", "numpy", "pot", "geomloss", "pytest-benchmark"):
+        print(f"{dist:<11} {_version_of(dist)}", file=out)
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+        print(f"GPU         {torch.cuda.get_device_name()}", file=out)
+    else:
+        print("GPU         none visible to torch", file=out)
+    print("", file=out)
+    print(f"value checks: {'on' if guider_fast.checks_enabled() else 'off'} (GUIDER_FAST_CHECKS)", file=out)
+    for device in devices:
+        print(f"backends on {device}:", file=out)
+        for name, reason in _dispatch.backend_report(device).items():
+            status = "available" if reason is None else f"unavailable: {reason}"
+            print(f"  {name:<7} {status}", file=out)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="guider-fast", description="guider_fast command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and which backends can run here (and why not)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

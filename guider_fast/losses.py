@@ -1,0 +1,143 @@
+"""``GuiderLoss``: GUIDER's per-batch loss (calibration + DBPR) as an ``nn.Module``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from .calibration import Calibration, calibrate
+from .dbpr import _check_dbpr, _dbpr_unchecked
+from .reference import calibration as ref_calibration
+
+
+class GuiderLoss(nn.Module):
+    """GUIDER's loss for one batch of (user, positive, negative) triplets.
+
+    Owns the reference's layers: ``text_proj`` (text_dim -> feat_embed_dim),
+    ``image_proj`` (image_dim -> feat_embed_dim) and the hash layers
+    ``user_hash`` (embed_dim -> hash_bits), ``text_hash`` and ``image_hash``
+    (feat_embed_dim -> hash_bits).  ``forward`` gathers rows itself from the
+    full tables, calibrates the positives (AMSC, spec section 1) and returns the
+    DBPR loss weighted by the calibration (spec section 2).  The calibration of
+    the last call is kept in ``last_calibration``.
+
+    Frozen-item mode: the calibration weights carry no gradient, so in the
+    reference these five layers never learn and every item's projected
+    features, text/image distance and hash codes are constants.
+    ``precompute_items(text_feat, image_feat)`` computes them once for the whole
+    catalogue; later calls need no features (pass None) and skip the two large
+    projections per batch.  It applies while the layers stay frozen, which is
+    the case whenever this loss is their only consumer.  If anything updates
+    them (another loss, an optimizer step on them, ``load_state_dict``), the
+    cache is stale: ``forward`` detects the parameter change and raises, and
+    ``precompute_items`` must be called again (or ``clear_item_cache()``).
+    """
+
+    def __init__(self, text_dim: int, image_dim: int, embed_dim: int = 64,
+                 feat_embed_dim: int = 64, hash_bits: int = 64, threshold: float = 0.7,
+                 distance: str = "geomloss", backend: str = "auto"):
+        super().__init__()
+        for name, value in (("text_dim", text_dim), ("image_dim", image_dim), ("embed_dim", embed_dim),
+                            ("feat_embed_dim", feat_embed_dim), ("hash_bits", hash_bits)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.text_proj = nn.Linear(text_dim, feat_embed_dim)
+        self.image_proj = nn.Linear(image_dim, feat_embed_dim)
+        self.user_hash = nn.Linear(embed_dim, hash_bits)
+        self.text_hash = nn.Linear(feat_embed_dim, hash_bits)
+        self.image_hash = nn.Linear(feat_embed_dim, hash_bits)
+        self.threshold = float(threshold)
+        self.distance = distance
+        self.backend = backend
+        self.last_calibration: Optional[Calibration] = None
+        self._item_cache = None
+        self._cache_versions = None
+
+    def _item_layers(self):
+        return (self.text_proj, self.image_proj, self.text_hash, self.image_hash)
+
+    def _layer_versions(self):
+        return tuple(p._version for layer in self._item_layers() for p in layer.parameters())
+
+    def _check_features(self, text_feat, image_feat):
+        V.require_float("text_feat", text_feat)
+        V.require_float("image_feat", image_feat)
+        V.require_rank("text_feat", text_feat, (2,), "(n_items, text_dim) table")
+        V.require_rank("image_feat", image_feat, (2,), "(n_items, image_dim) table")
+        V.require_shape("text_feat", text_feat, (text_feat.shape[0], self.text_proj.in_features),
+                        "text_dim columns")
+        V.require_shape("image_feat", image_feat, (text_feat.shape[0], self.image_proj.in_features),
+                        "as many rows as text_feat, image_dim columns")
+
+    def _project(self, text_rows, image_rows):
+        t = self.text_proj(text_rows)
+        v = self.image_proj(image_rows)
+        return t, v, self.text_hash(t), self.image_hash(v)
+
+    @torch.no_grad()
+    def precompute_items(self, text_feat: torch.Tensor, image_feat: torch.Tensor,
+                         chunk_size: int = 65536) -> None:
+        """Cache every item's distance and ternary hash codes (frozen-item mode)."""
+        self._check_features(text_feat, image_feat)
+        distances, t_codes, v_codes = [], [], []
+        for start in range(0, text_feat.shape[0], chunk_size):
+            t, v, t_code, v_code = self._project(text_feat[start:start + chunk_size],
+                                                 image_feat[start:start + chunk_size])
+            distances.append(ref_calibration.modality_distance(t, v, self.distance))
+            t_codes.append(torch.sign(t_code).to(torch.int8))
+            v_codes.append(torch.sign(v_code).to(torch.int8))
+        self._item_cache = (torch.cat(distances), torch.cat(t_codes), torch.cat(v_codes))
+        self._cache_versions = self._layer_versions()
+
+    def clear_item_cache(self) -> None:
+        self._item_cache = None
+        self._cache_versions = None
+
+    @property
+    def items_precomputed(self) -> bool:
+        return self._item_cache is not None
+
+    def forward(self, user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
+                pos_items: torch.Tensor, neg_items: torch.Tensor,
+                text_feat: Optional[torch.Tensor] = None,
+                image_feat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, None)
+        with torch.no_grad():
+            u_code = self.user_hash(user_emb.detach().index_select(0, users.long()))
+            if self._item_cache is not None:
+                if self._layer_versions() != self._cache_versions:
+                    raise RuntimeError(
+                        "GuiderLoss item cache is stale: text_proj/image_proj/text_hash/image_hash "
+                        "changed since precompute_items(); call precompute_items() again")
+                item_distance, item_t_code, item_v_code = self._item_cache
+                if pos_items.device != item_distance.device:
+                    raise ValueError(f"pos_items is on {pos_items.device} but the item cache is on "
+                                     f"{item_distance.device}")
+                if item_distance.shape[0] != item_emb.shape[0]:
+                    raise ValueError(f"the item cache holds {item_distance.shape[0]} items but item_emb has "
+                                     f"{item_emb.shape[0]} rows")
+                pos = pos_items.long()
+                d = item_distance.index_select(0, pos)
+                weights, clean, normalized = ref_calibration.weights_from_distance(
+                    d, u_code, item_t_code.index_select(0, pos), item_v_code.index_select(0, pos),
+                    self.threshold)
+                calibration = Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)
+            else:
+                if text_feat is None or image_feat is None:
+                    raise ValueError("text_feat and image_feat are required unless precompute_items() "
+                                     "was called")
+                self._check_features(text_feat, image_feat)
+                if text_feat.shape[0] != item_emb.shape[0]:
+                    raise ValueError(f"text_feat has {text_feat.shape[0]} rows but item_emb has "
+                                     f"{item_emb.shape[0]}: features are indexed by item id")
+                pos = pos_items.long()
+                t, v, t_code, v_code = self._project(text_feat.index_select(0, pos),
+                                                     image_feat.index_select(0, pos))
+                calibration = calibrate(t, v, u_code, t_code, v_code, threshold=self.threshold,
+                                        distance=self.distance, backend=self.backend)
+        self.last_calibration = calibration
+        return _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, calibration.weights,
+                               "mean", self.backend)

@@ -1,0 +1,74 @@
+"""Reference AMSC calibration (GUIDER spec section 1), vectorised, no host syncs."""
+
+from __future__ import annotations
+
+import torch
+
+from .samples_loss import one_point_divergence, sinkhorn_divergence
+
+# The reference perturbs the image side before GeomLoss: v + 1e-8.
+IMAGE_OFFSET = 1e-8
+MINMAX_EPS = 1e-7
+# GeomLoss("sinkhorn", p=1, blur=0.1) as called by the reference.
+GEOMLOSS_P, GEOMLOSS_BLUR = 1, 0.1
+
+
+def modality_distance(t: torch.Tensor, v: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-row disagreement (B,) between text and image representations.
+
+    "geomloss": the value of the reference's ``SamplesLoss("sinkhorn", p=1,
+    blur=0.1)(t[:, None], v[:, None] + 1e-8)``; for (B, d) rows the one-point
+    closed form ``(C(t,v') + C(v',t))/2 - (C(t,t) + C(v',v'))/2`` with GeomLoss's
+    expanded fp32 cost; for (B, n, d) / (B, m, d) clouds the full debiased divergence.
+    "euclidean": |t - v| exactly.
+    """
+    if distance == "euclidean":
+        if t.dim() == 3:
+            raise ValueError('distance="euclidean" needs (B, d) rows, not point clouds')
+        return torch.linalg.vector_norm(t - v, dim=-1)
+    v_shift = v + IMAGE_OFFSET
+    if t.dim() == 2:
+        ones = torch.ones(t.shape[0], 1, dtype=t.dtype, device=t.device)
+        return one_point_divergence(ones, t.unsqueeze(1), ones, v_shift.unsqueeze(1),
+                                    GEOMLOSS_P, debias=True)
+    batch = t.shape[0]
+    a = torch.full(t.shape[:2], 1.0 / t.shape[1], dtype=t.dtype, device=t.device)
+    b = torch.full(v.shape[:2], 1.0 / v.shape[1], dtype=v.dtype, device=v.device)
+    out = sinkhorn_divergence(a, t, b, v_shift, p=GEOMLOSS_P, blur=GEOMLOSS_BLUR)
+    return out.view(batch)
+
+
+def minmax_normalize(d: torch.Tensor) -> torch.Tensor:
+    """(d - min) / (max - min + 1e-7) over the batch; all-equal batches give 0 (no branch)."""
+    lo = d.amin()
+    hi = d.amax()
+    return (d - lo) / (hi - lo + MINMAX_EPS)
+
+
+def sign_similarity(code_a: torch.Tensor, code_b: torch.Tensor) -> torch.Tensor:
+    """(sign(a) . sign(b)) / bits with sign(0) = 0, i.e. ternary codes as the reference."""
+    bits = code_a.shape[-1]
+    return (torch.sign(code_a) * torch.sign(code_b)).sum(-1) / bits
+
+
+def calibration_weights(clean: torch.Tensor, sim_text: torch.Tensor, sim_image: torch.Tensor):
+    """Clean rows: clamp(((s_t + 1)/2 + (s_v + 1)/2)/2, 0, 1); noisy rows: 1."""
+    w = (((sim_text + 1) / 2 + (sim_image + 1) / 2) / 2).clamp(0.0, 1.0)
+    return torch.where(clean, w, torch.ones_like(w))
+
+
+def weights_from_distance(d, u_code, t_code, v_code, threshold: float):
+    """Steps 2-6 of AMSC from per-row distances d (B,): (weights, clean, normalized)."""
+    normalized = minmax_normalize(d)
+    clean = normalized < threshold
+    weights = calibration_weights(clean, sign_similarity(u_code, t_code),
+                                  sign_similarity(u_code, v_code))
+    return weights, clean, normalized
+
+
+def calibrate(t, v, u_code, t_code, v_code, threshold: float, distance: str):
+    """Returns (weights, clean, distance, normalized), all detached."""
+    with torch.no_grad():
+        d = modality_distance(t, v, distance)
+        weights, clean, normalized = weights_from_distance(d, u_code, t_code, v_code, threshold)
+    return weights, clean, d, normalized

@@ -1,0 +1,75 @@
+"""Reference DBPR (weighted BPR) with gather-and-score forward and a hand-derived backward.
+
+Forward gathers u = U[users], p = I[pos], n = I[neg] (K negatives per triplet),
+scores ``x_bk = <u_b, p_b> - <u_b, n_bk>`` and returns per-triplet terms
+``-w_b * mean_k logsigmoid(x_bk)``.  Backward uses ``s_bk = sigmoid(-x_bk)``:
+
+    dL/du_b  = -c_b (S_b p_b - sum_k s_bk n_bk),   S_b = sum_k s_bk
+    dL/dp_b  = -c_b S_b u_b
+    dL/dn_bk = +c_b s_bk u_b,                      c_b = grad_b * w_b / K
+
+scatter-added into dense gradient tables (duplicate indices accumulate); the
+positive and negative item rows go through a single ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class DBPRRows(torch.autograd.Function):
+    """Per-triplet DBPR terms (B,) from full tables; weights may be None."""
+
+    @staticmethod
+    def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights):
+        batch, k = neg_items.shape
+        u = _compute(user_emb.index_select(0, users))
+        p = _compute(item_emb.index_select(0, pos_items))
+        n = _compute(item_emb.index_select(0, neg_items.reshape(-1))).view(batch, k, -1)
+        pos_score = (u * p).sum(-1)
+        neg_score = torch.bmm(n, u.unsqueeze(2)).squeeze(2)
+        margin = pos_score.unsqueeze(1) - neg_score
+        log_sig = F.logsigmoid(margin).mean(1)
+        w = None if weights is None else _compute(weights)
+        rows = -log_sig if w is None else -w * log_sig
+        ctx.save_for_backward(u, p, n, margin, log_sig, users, pos_items, neg_items, weights)
+        ctx.table_shapes = (user_emb.shape, item_emb.shape, user_emb.dtype, item_emb.dtype)
+        return rows.to(user_emb.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        u, p, n, margin, log_sig, users, pos_items, neg_items, weights = ctx.saved_tensors
+        (user_shape, item_shape, user_dtype, item_dtype) = ctx.table_shapes
+        batch, k = margin.shape
+        grad_rows = _compute(grad_rows).to(u.dtype)
+        coef = grad_rows if weights is None else grad_rows * _compute(weights)
+        coef = coef / k
+        s = torch.sigmoid(-margin) * coef.unsqueeze(1)  # c_b * s_bk
+        s_total = s.sum(1, keepdim=True)
+        grad_user = grad_item = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            d_u = torch.bmm(s.unsqueeze(1), n).squeeze(1) - s_total * p
+            grad_user = torch.zeros(user_shape, dtype=u.dtype, device=u.device)
+            grad_user.index_add_(0, users, d_u)
+            grad_user = grad_user.to(user_dtype)
+        if ctx.needs_input_grad[1]:
+            d_p = -s_total * u
+            d_n = s.unsqueeze(2) * u.unsqueeze(1)
+            grad_item = torch.zeros(item_shape, dtype=u.dtype, device=u.device)
+            grad_item.index_add_(0, torch.cat([pos_items, neg_items.reshape(-1)]),
+                                 torch.cat([d_p, d_n.reshape(-1, u.shape[1])]))
+            grad_item = grad_item.to(item_dtype)
+        if ctx.needs_input_grad[5]:
+            grad_weights = (-grad_rows * log_sig).to(weights.dtype)
+        return grad_user, grad_item, None, None, None, grad_weights
+
+
+def dbpr_rows(user_emb, item_emb, users, pos_items, neg_items, weights=None):
+    """(B,) terms ``-w_b * mean_k logsigmoid(<u,p> - <u,n_k>)``; neg_items is (B, K)."""
+    return DBPRRows.apply(user_emb, item_emb, users, pos_items, neg_items, weights)

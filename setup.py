@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "guider_fast" / "_version.py").read_text(), version)
+
+setup(
+    name="guider_fast",
+    version=version["__version__"],
+    description="Fast Sinkhorn OT, DBPR and calibration ops for GUIDER (denoising multi-modal recommenders)",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["guider_fast", "guider_fast.reference", "guider_fast.kernels"],
+    # Triton kernels live in the top-level kernels/ folder but install under the
+    # package namespace: a top-level "kernels" module would clash with PyPI's.
+    package_dir={"guider_fast.kernels": "kernels"},
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "dev": ["pytest", "pytest-benchmark", "pot>=0.9.5", "geomloss==0.3.1", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
+)

@@ -1,0 +1,35 @@
+"""Shared fixtures: fresh random inputs (never zeros/ones), ragged batches, tolerance tables."""
+
+import pytest
+import torch
+
+# Per-dtype tolerances for comparisons against a float64 computation.
+# Half-precision inputs are rounded before the solve, so their error is the
+# input rounding propagated through the cost (~2^-8 relative for bfloat16).
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator per test, so failures reproduce."""
+    return torch.Generator().manual_seed(20250427)
+
+
+def random_weights(batch, n, lengths, gen, dtype=torch.float64):
+    """(batch, n) random positive weights on the first lengths[b] entries, zeros after, rows summing to 1."""
+    w = torch.rand(batch, n, generator=gen, dtype=torch.float64) + 0.2
+    mask = torch.arange(n).unsqueeze(0) < torch.as_tensor(lengths).unsqueeze(1)
+    w = w * mask
+    return (w / w.sum(1, keepdim=True)).to(dtype)
+
+
+def ragged_lengths(batch, n, gen, minimum=1):
+    lengths = torch.randint(minimum, n + 1, (batch,), generator=gen)
+    lengths[0] = n  # at least one full problem
+    return lengths.tolist()
+
+
+def assert_close(actual, expected, dtype, scale=1.0, msg=""):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=RTOL[dtype],
+                               atol=ATOL[dtype] * scale, msg=msg or None)
