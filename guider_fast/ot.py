@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,37 +19,57 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@dataclass
 class SinkhornResult:
     """Result of ``guider_fast.sinkhorn`` (batched; unbatched inputs give squeezed fields).
 
     Attributes
     ----------
     value : entropic OT value ``<a, f> + <b, g>`` (GeomLoss's convention), (B,) or scalar.
-    value_linear : ``<P, C>`` (POT ``sinkhorn2``'s convention); carries no gradient.
+    value_linear : ``<P, C>`` (POT ``sinkhorn2``'s convention); computed on first access
+        (one pass over the cost), carries no gradient.
     f, g : dual potentials, (B, n) and (B, m); ``P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)``.
     n_iters : iterations run (all problems stop together, at a check every 10 iterations).
     marginal_error : (B,) L1 row-marginal violation of the returned plan.
+    plan() : the (B, n, m) transport plan, built on request.
     """
 
-    value: torch.Tensor
-    value_linear: torch.Tensor
-    f: torch.Tensor
-    g: torch.Tensor
-    n_iters: int
-    marginal_error: torch.Tensor
-    _inputs: tuple = None
+    def __init__(self, value, f, g, n_iters, marginal_error, solved):
+        self.value = value
+        self.f = f
+        self.g = g
+        self.n_iters = n_iters
+        self.marginal_error = marginal_error
+        # (x, y, a, b, f, g) batched in the compute dtype, then eps, p, squeeze, output dtype
+        self._solved = solved
+        self._value_linear = None
+
+    def __repr__(self) -> str:
+        return (f"SinkhornResult(value={self.value!r}, n_iters={self.n_iters}, "
+                f"max marginal_error={float(self.marginal_error.max()):.3g})")
+
+    def _finish(self, t: torch.Tensor) -> torch.Tensor:
+        *_, squeeze, out_dtype = self._solved
+        t = t.to(out_dtype)
+        return t.squeeze(0) if squeeze else t
+
+    def _cost(self):
+        x, y, a, b, f, g, eps, p, _, _ = self._solved
+        return ref_sinkhorn.cost_matrix(x, y, p)
+
+    @property
+    def value_linear(self) -> torch.Tensor:
+        if self._value_linear is None:
+            x, y, a, b, f, g, eps, p, _, _ = self._solved
+            with torch.no_grad():
+                self._value_linear = self._finish(
+                    ref_sinkhorn.linear_value(self._cost(), a, b, f, g, eps))
+        return self._value_linear
 
     def plan(self) -> torch.Tensor:
-        """The transport plan (B, n, m) (or (n, m)), rebuilt from the potentials on request."""
-        x, y, a, b, eps, p, squeeze = self._inputs
+        """The transport plan (B, n, m) (or (n, m)), rebuilt from the potentials."""
+        x, y, a, b, f, g, eps, p, _, _ = self._solved
         with torch.no_grad():
-            cost = ref_sinkhorn.cost_matrix(x, y, p)
-            f, g = self.f.to(cost.dtype), self.g.to(cost.dtype)
-            if squeeze:
-                f, g = f.unsqueeze(0), g.unsqueeze(0)
-            out = ref_sinkhorn.plan(cost, a, b, f, g, eps)
-        return out.squeeze(0) if squeeze else out
+            return self._finish(ref_sinkhorn.plan(self._cost(), a, b, f, g, eps))
 
 
 def _check_clouds(x, y, a, b, names=("x", "y", "a", "b")):
@@ -95,24 +114,24 @@ def _uniform(pts: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad):
-    """Batched torch path: x (B, n, d), y (B, m, d), a (B, n), b (B, m) in the compute dtype."""
+    """Batched torch path: x (B, n, d), y (B, m, d), a (B, n), b (B, m) in the compute dtype.
+
+    Returns ``(value, state)``; ``state.f``/``state.g`` carry autograd history only
+    for ``grad="autodiff"``.
+    """
     if grad == "autodiff":
         cost = ref_sinkhorn.cost_matrix(x, y, p)
         state = ref_sinkhorn.solve_autodiff(cost, a, b, eps, n_iters, tol)
-        value = (a * state.f).sum(-1) + (b * state.g).sum(-1)
-        value_linear = ref_sinkhorn.linear_value(cost.detach(), a.detach(), b.detach(),
-                                                 state.f.detach(), state.g.detach(), eps)
-        return value, value_linear, state
+        return (a * state.f).sum(-1) + (b * state.g).sum(-1), state
     with torch.no_grad():
         cost = ref_sinkhorn.cost_matrix(x.detach(), y.detach(), p)
         state = ref_sinkhorn.solve_detached(cost, a.detach(), b.detach(), eps, n_iters, tol)
-        value_linear = ref_sinkhorn.linear_value(cost, a, b, state.f, state.g, eps)
     del cost
     if grad == "envelope":
         value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, state.f, state.g, eps, p)
     else:
         value = (a * state.f).sum(-1) + (b * state.g).sum(-1)
-    return value, value_linear, state
+    return value, state
 
 
 _dispatch.register("sinkhorn", "torch", _sinkhorn_torch)
@@ -153,7 +172,7 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
     V.require_positive("tol", tol, allow_none=True)
     V.require_choice("grad", grad, GRAD_MODES)
     _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
-    name, impl = _dispatch.resolve("sinkhorn", backend, x.device)
+    _, impl = _dispatch.resolve("sinkhorn", backend, x.device)
 
     squeeze = x.dim() == 2
     in_dtype = x.dtype
@@ -163,17 +182,16 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
     ab = _uniform(xb, dtype) if a is None else (a.unsqueeze(0) if squeeze else a).to(dtype)
     bb = _uniform(yb, dtype) if b is None else (b.unsqueeze(0) if squeeze else b).to(dtype)
 
-    value, value_linear, state = impl(xb, yb, ab, bb, float(eps), p, n_iters, tol, grad)
+    value, state = impl(xb, yb, ab, bb, float(eps), p, n_iters, tol, grad)
 
     def out(t):
         t = t.to(in_dtype) if t.dtype != in_dtype else t
         return t.squeeze(0) if squeeze else t
 
-    return SinkhornResult(value=out(value), value_linear=out(value_linear), f=out(state.f),
-                          g=out(state.g), n_iters=state.n_iters,
-                          marginal_error=out(state.marginal_error),
-                          _inputs=(xb.detach(), yb.detach(), ab.detach(), bb.detach(),
-                                   float(eps), p, squeeze))
+    solved = (xb.detach(), yb.detach(), ab.detach(), bb.detach(), state.f.detach(),
+              state.g.detach(), float(eps), p, squeeze, in_dtype)
+    return SinkhornResult(value=out(value), f=out(state.f), g=out(state.g), n_iters=state.n_iters,
+                          marginal_error=out(state.marginal_error), solved=solved)
 
 
 def _samples_loss_torch(a, x, b, y, p, blur, scaling, debias, diameter):
