@@ -4,6 +4,8 @@ import numpy as np
 import ot
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import guider_fast as gf
 from guider_fast.reference import sinkhorn as ref
@@ -193,3 +195,23 @@ def test_softmin_matches_logsumexp(gen):
             got = ref.softmin_(cost, h_rows, eps, work, dim=1)
             want = -eps * torch.logsumexp(h_rows.double()[:, :, None] - cost.double() / eps, 1)
             torch.testing.assert_close(got.double(), want, rtol=RTOL[dtype], atol=RTOL[dtype] * 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 4), n=st.integers(1, 9), m=st.integers(1, 9), d=st.integers(1, 6),
+       p=st.sampled_from([1, 2]), eps=st.floats(0.05, 2.0), seed=st.integers(0, 2**31 - 1))
+def test_property_converged_plan_has_the_marginals(batch, n, m, d, p, eps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(batch, m, d, generator=gen, dtype=torch.float64)
+    a = random_weights(batch, n, ragged_lengths(batch, n, gen), gen)
+    b = random_weights(batch, m, ragged_lengths(batch, m, gen), gen)
+    res = gf.sinkhorn(x, y, a, b, eps=eps, p=p, n_iters=20000, tol=1e-11)
+    plan = res.plan()
+    torch.testing.assert_close(plan.sum(2), a, atol=1e-9, rtol=0)
+    torch.testing.assert_close(plan.sum(1), b, atol=1e-8, rtol=0)
+    torch.testing.assert_close(res.value, (a * res.f).sum(1) + (b * res.g).sum(1))
+    # At the optimum the dual value is the primal one: <P, C> + eps * KL(P | a x b).
+    outer = a.unsqueeze(2) * b.unsqueeze(1)
+    kl = torch.where(plan > 0, plan * (plan / outer.clamp_min(1e-300)).log(), torch.zeros_like(plan))
+    torch.testing.assert_close(res.value, res.value_linear + eps * kl.sum((1, 2)), rtol=1e-7, atol=1e-8)
