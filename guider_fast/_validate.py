@@ -116,21 +116,28 @@ class ValueChecks:
         self._flags.append(bad.reshape(()))
         self._errors.append((exc_type, message))
 
+    # One fused min/max pass per tensor: NaN propagates into both, +-Inf shows up
+    # in one of them.  torch.isfinite(t).all() is ~15x slower on CPU.
+
     def finite(self, name: str, t: Optional[torch.Tensor]) -> None:
         if t is not None and t.numel():
-            self.add(~torch.isfinite(t).all(), ValueError, f"{name} contains NaN or Inf")
+            lo, hi = torch.aminmax(t)
+            self.add(~(torch.isfinite(lo) & torch.isfinite(hi)), ValueError,
+                     f"{name} contains NaN or Inf")
 
     def index_range(self, name: str, idx: torch.Tensor, size: int) -> None:
         if idx.numel():
-            self.add((idx < 0).any() | (idx >= size).any(), IndexError,
+            lo, hi = torch.aminmax(idx)
+            self.add((lo < 0) | (hi >= size), IndexError,
                      f"{name} has indices outside [0, {size}) (negative or >= {size})")
 
     def weights(self, name: str, w: Optional[torch.Tensor]) -> None:
         """Non-negative, finite, each row summing to 1 (relative tolerance by dtype)."""
         if w is None:
             return
-        self.finite(name, w)
-        self.add((w < 0).any(), ValueError, f"{name} has negative weights")
+        lo, hi = torch.aminmax(w)
+        self.add(~(torch.isfinite(lo) & torch.isfinite(hi)), ValueError, f"{name} contains NaN or Inf")
+        self.add(lo < 0, ValueError, f"{name} has negative weights")
         # float32-normalised weights (also once upcast to float64) sum to 1 within
         # ~1e-7; half-precision ones within a few 1e-3.
         tol = 2e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-5
