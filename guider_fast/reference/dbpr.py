@@ -35,10 +35,10 @@ class DBPRRows(torch.autograd.Function):
         u = _compute(user_emb.index_select(0, users))
         p = _compute(item_emb.index_select(0, pos_items))
         n = _compute(item_emb.index_select(0, neg_items.reshape(-1))).view(batch, k, -1)
-        if k == 1:
-            margin = (u * (p - n[:, 0])).sum(-1, keepdim=True)
-        else:
-            margin = (u * p).sum(-1, keepdim=True) - (n * u.unsqueeze(1)).sum(-1)
+        # einsum reduces without a (B, D) temporary: large temporaries cost more
+        # in page faults than in arithmetic here.
+        margin = (torch.einsum("bd,bd->b", u, p).unsqueeze(1)
+                  - torch.einsum("bkd,bd->bk", n, u))
         log_sig = F.logsigmoid(margin).mean(1)
         w = None if weights is None else _compute(weights)
         rows = -log_sig if w is None else -w * log_sig
@@ -67,12 +67,18 @@ class DBPRRows(torch.autograd.Function):
             grad_user.index_add_(0, users, d_u)
             grad_user = grad_user.to(user_dtype)
         if ctx.needs_input_grad[1]:
-            # Positive and negative rows in one buffer -> a single scatter-add.
-            item_rows = torch.empty(batch * (k + 1), dim, dtype=u.dtype, device=u.device)
-            torch.mul(u, s_total.neg(), out=item_rows[:batch])
-            torch.mul(u.unsqueeze(1), s.unsqueeze(2), out=item_rows[batch:].view(batch, k, dim))
             grad_item = torch.zeros(item_shape, dtype=u.dtype, device=u.device)
-            grad_item.index_add_(0, torch.cat([pos_items, neg_items.reshape(-1)]), item_rows)
+            if k == 1:
+                # dL/dn = c s u = -dL/dp: one (B, D) product feeds both scatters.
+                scaled_u = u * s
+                grad_item.index_add_(0, neg_items[:, 0], scaled_u)
+                grad_item.index_add_(0, pos_items, scaled_u, alpha=-1.0)
+            else:
+                # Positive and negative rows in one buffer -> a single scatter-add.
+                item_rows = torch.empty(batch * (k + 1), dim, dtype=u.dtype, device=u.device)
+                torch.mul(u, s_total.neg(), out=item_rows[:batch])
+                torch.mul(u.unsqueeze(1), s.unsqueeze(2), out=item_rows[batch:].view(batch, k, dim))
+                grad_item.index_add_(0, torch.cat([pos_items, neg_items.reshape(-1)]), item_rows)
             grad_item = grad_item.to(item_dtype)
         if ctx.needs_input_grad[5]:
             grad_weights = (-grad_rows * log_sig).to(weights.dtype)

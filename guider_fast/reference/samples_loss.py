@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sinkhorn import softmin, softmin_
+from .sinkhorn import _EXP_FLOOR, softmin_
 
 # GeomLoss replaces log(0) by this value (not -inf) for zero weights.
 _LOG_ZERO = -100000.0
@@ -71,9 +71,49 @@ def one_point_divergence(a, x, b, y, p: int, debias: bool):
     return (a * f).sum(-1) + (b * g).sum(-1)
 
 
+class ExtrapolatedSoftmin(torch.autograd.Function):
+    """``f_i = -eps * logsumexp_j(h_j - C(x_i, y_j) / eps)`` with gradients w.r.t. ``x`` only.
+
+    This is GeomLoss's last extrapolation step, where ``y`` and ``h`` are detached:
+    ``df_i/dx_i = sum_j pi_ij grad_x C(x_i, y_j)`` with ``pi`` the row soft-max.
+    Backward rebuilds the cost and ``pi`` once instead of keeping autograd's
+    (B, n, m) intermediates alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, h, eps, p):
+        with torch.no_grad():
+            cost = geomloss_cost(x, y, p)
+            f = softmin_(cost, h, eps, torch.empty_like(cost))
+        ctx.save_for_backward(x, y, h, f)
+        ctx.eps, ctx.p = eps, p
+        return f
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_f):
+        x, y, h, f = ctx.saved_tensors
+        eps, p = ctx.eps, ctx.p
+        sq = geomloss_cost(x, y, 2).mul_(2.0)
+        cost = sq.div(2.0) if p == 2 else torch.sqrt(torch.clamp_min(sq, 1e-8))
+        # pi_ij = exp(h_j - C_ij/eps + f_i/eps): the soft-max weights of row i.
+        weights = torch.add(h.unsqueeze(1), cost, alpha=-1.0 / eps).add_((f / eps).unsqueeze(2))
+        weights.clamp_(min=_EXP_FLOOR).exp_()
+        if p == 1:
+            # d sqrt(max(sq, 1e-8)) / dx = (x - y) / C where unclamped, else 0.
+            weights = torch.where(sq > 1e-8, weights / cost, torch.zeros_like(weights))
+        weights.mul_(grad_f.unsqueeze(2))
+        grad_x = weights.sum(2, keepdim=True) * x - torch.bmm(weights, y)
+        return grad_x, None, None, None, None
+
+
 def sinkhorn_divergence(a, x, b, y, p: int = 2, blur: float = 0.05, scaling: float = 0.5,
                         debias: bool = True, diameter=None):
-    """GeomLoss's ``sinkhorn_tensorized`` on (B, n, d) / (B, m, d) clouds; returns (B,)."""
+    """GeomLoss's ``sinkhorn_tensorized`` on (B, n, d) / (B, m, d) clouds; returns (B,).
+
+    Memory: the loop holds C(x, y), C(x, x), C(y, y) and one shared work buffer
+    (C(y, x) is never formed: the g-update reduces C(x, y) along its rows).
+    """
     if x.shape[1] == 1 and y.shape[1] == 1:
         return one_point_divergence(a, x, b, y, p, debias)
 
@@ -81,41 +121,42 @@ def sinkhorn_divergence(a, x, b, y, p: int = 2, blur: float = 0.05, scaling: flo
         diameter = bounding_box_diameter(x.detach(), y.detach())
     eps_list = epsilon_schedule(p, diameter, blur, scaling)
     a_log, b_log = geomloss_log_weights(a.detach()), geomloss_log_weights(b.detach())
-
-    # Cost matrices with gradients only through their first argument, as GeomLoss.
-    c_xy = geomloss_cost(x, y.detach(), p)
-    c_yx = geomloss_cost(y, x.detach(), p)
-    c_xx = geomloss_cost(x, x.detach(), p) if debias else None
-    c_yy = geomloss_cost(y, y.detach(), p) if debias else None
+    xd, yd = x.detach(), y.detach()
+    batch, n, m = x.shape[0], x.shape[1], y.shape[1]
 
     with torch.no_grad():
-        cxy, cyx = c_xy.detach(), c_yx.detach()
-        work_xy = torch.empty_like(cxy)
-        work_yx = torch.empty_like(cyx)
+        c_xy = geomloss_cost(xd, yd, p)
+        sizes = [n * m] + ([n * n, m * m] if debias else [])
+        storage = torch.empty(batch * max(sizes), dtype=c_xy.dtype, device=c_xy.device)
+
+        def work(rows, cols):
+            return storage[: batch * rows * cols].view(batch, rows, cols)
+
         eps = eps_list[0]
-        g_ab = softmin_(cyx, a_log, eps, work_yx)
-        f_ba = softmin_(cxy, b_log, eps, work_xy)
+        g_ab = softmin_(c_xy, a_log, eps, work(n, m), dim=1)
+        f_ba = softmin_(c_xy, b_log, eps, work(n, m), dim=2)
         if debias:
-            cxx, cyy = c_xx.detach(), c_yy.detach()
-            work_xx = torch.empty_like(cxx)
-            work_yy = torch.empty_like(cyy)
-            f_aa = softmin_(cxx, a_log, eps, work_xx)
-            g_bb = softmin_(cyy, b_log, eps, work_yy)
+            c_xx, c_yy = geomloss_cost(xd, xd, p), geomloss_cost(yd, yd, p)
+            f_aa = softmin_(c_xx, a_log, eps, work(n, n))
+            g_bb = softmin_(c_yy, b_log, eps, work(m, m))
         for eps in eps_list:
-            ft_ba = softmin_(cxy, b_log + g_ab / eps, eps, work_xy)
-            gt_ab = softmin_(cyx, a_log + f_ba / eps, eps, work_yx)
+            ft_ba = softmin_(c_xy, b_log + g_ab / eps, eps, work(n, m), dim=2)
+            gt_ab = softmin_(c_xy, a_log + f_ba / eps, eps, work(n, m), dim=1)
             f_ba = (f_ba + ft_ba).mul_(0.5)
             g_ab = (g_ab + gt_ab).mul_(0.5)
             if debias:
-                ft_aa = softmin_(cxx, a_log + f_aa / eps, eps, work_xx)
-                gt_bb = softmin_(cyy, b_log + g_bb / eps, eps, work_yy)
+                ft_aa = softmin_(c_xx, a_log + f_aa / eps, eps, work(n, n))
+                gt_bb = softmin_(c_yy, b_log + g_bb / eps, eps, work(m, m))
                 f_aa = (f_aa + ft_aa).mul_(0.5)
                 g_bb = (g_bb + gt_bb).mul_(0.5)
+        del storage, c_xy
+        if debias:
+            del c_xx, c_yy
 
     # Last extrapolation at eps = blur^p: the only step that carries gradients.
-    f_new = softmin(c_xy, b_log + g_ab / eps, eps)
-    g_new = softmin(c_yx, a_log + f_ba / eps, eps)
+    f_new = ExtrapolatedSoftmin.apply(x, yd, b_log + g_ab / eps, eps, p)
+    g_new = ExtrapolatedSoftmin.apply(y, xd, a_log + f_ba / eps, eps, p)
     if debias:
-        f_new = f_new - softmin(c_xx, a_log + f_aa / eps, eps)
-        g_new = g_new - softmin(c_yy, b_log + g_bb / eps, eps)
+        f_new = f_new - ExtrapolatedSoftmin.apply(x, xd, a_log + f_aa / eps, eps, p)
+        g_new = g_new - ExtrapolatedSoftmin.apply(y, yd, b_log + g_bb / eps, eps, p)
     return (a * f_new).sum(-1) + (b * g_new).sum(-1)
