@@ -39,7 +39,7 @@ class SinkhornResult:
         self.g = g
         self.n_iters = n_iters
         self.marginal_error = marginal_error
-        # (x, y, a, b, f, g) batched in the compute dtype, then eps, p, squeeze, output dtype
+        # (_Batched inputs, f, g in the compute dtype, eps, p)
         self._solved = solved
         self._value_linear = None
 
@@ -47,29 +47,21 @@ class SinkhornResult:
         return (f"SinkhornResult(value={self.value!r}, n_iters={self.n_iters}, "
                 f"max marginal_error={float(self.marginal_error.max()):.3g})")
 
-    def _finish(self, t: torch.Tensor) -> torch.Tensor:
-        *_, squeeze, out_dtype = self._solved
-        t = t.to(out_dtype)
-        return t.squeeze(0) if squeeze else t
-
-    def _cost(self):
-        x, y, a, b, f, g, eps, p, _, _ = self._solved
-        return ref_sinkhorn.cost_matrix(x, y, p)
+    def _rebuild(self, fn):
+        batch, f, g, eps, p = self._solved
+        with torch.no_grad():
+            cost = ref_sinkhorn.cost_matrix(batch.x.detach(), batch.y.detach(), p)
+            return batch.restore(fn(cost, batch.a.detach(), batch.b.detach(), f, g, eps))
 
     @property
     def value_linear(self) -> torch.Tensor:
         if self._value_linear is None:
-            x, y, a, b, f, g, eps, p, _, _ = self._solved
-            with torch.no_grad():
-                self._value_linear = self._finish(
-                    ref_sinkhorn.linear_value(self._cost(), a, b, f, g, eps))
+            self._value_linear = self._rebuild(ref_sinkhorn.linear_value)
         return self._value_linear
 
     def plan(self) -> torch.Tensor:
         """The transport plan (B, n, m) (or (n, m)), rebuilt from the potentials."""
-        x, y, a, b, f, g, eps, p, _, _ = self._solved
-        with torch.no_grad():
-            return self._finish(ref_sinkhorn.plan(self._cost(), a, b, f, g, eps))
+        return self._rebuild(ref_sinkhorn.plan)
 
 
 def _check_clouds(x, y, a, b, names=("x", "y", "a", "b")):
@@ -78,6 +70,8 @@ def _check_clouds(x, y, a, b, names=("x", "y", "a", "b")):
     V.require_float(ny, y)
     V.require_rank(nx, x, (2, 3), "point cloud (n, d) or batch (B, n, d)")
     V.require_rank(ny, y, (2, 3), "point cloud (m, d) or batch (B, m, d)")
+    if x.dtype != y.dtype:
+        raise TypeError(f"{ny} must have the dtype of {nx} ({x.dtype}), got {y.dtype}")
     if x.dim() != y.dim():
         raise ValueError(f"{nx} and {ny} must both be batched or both unbatched, got shapes "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
@@ -111,6 +105,23 @@ def _value_checks(named_points, named_weights):
 def _uniform(pts: torch.Tensor, dtype) -> torch.Tensor:
     n = pts.shape[1]
     return torch.full((pts.shape[0], n), 1.0 / n, dtype=dtype, device=pts.device)
+
+
+class _Batched:
+    """Inputs as (B, n, d) / (B, n) tensors in the compute dtype, and how to undo that."""
+
+    def __init__(self, x, y, a, b):
+        self.squeeze = x.dim() == 2
+        self.out_dtype = x.dtype
+        dtype = _compute_dtype(x.dtype)
+        lift = (lambda t: t.unsqueeze(0)) if self.squeeze else (lambda t: t)
+        self.x, self.y = lift(x).to(dtype), lift(y).to(dtype)
+        self.a = _uniform(self.x, dtype) if a is None else lift(a).to(dtype)
+        self.b = _uniform(self.y, dtype) if b is None else lift(b).to(dtype)
+
+    def restore(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.out_dtype)
+        return t.squeeze(0) if self.squeeze else t
 
 
 def _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad):
@@ -174,24 +185,12 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
     _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
     _, impl = _dispatch.resolve("sinkhorn", backend, x.device)
 
-    squeeze = x.dim() == 2
-    in_dtype = x.dtype
-    dtype = _compute_dtype(in_dtype)
-    xb, yb = (x.unsqueeze(0), y.unsqueeze(0)) if squeeze else (x, y)
-    xb, yb = xb.to(dtype), yb.to(dtype)
-    ab = _uniform(xb, dtype) if a is None else (a.unsqueeze(0) if squeeze else a).to(dtype)
-    bb = _uniform(yb, dtype) if b is None else (b.unsqueeze(0) if squeeze else b).to(dtype)
-
-    value, state = impl(xb, yb, ab, bb, float(eps), p, n_iters, tol, grad)
-
-    def out(t):
-        t = t.to(in_dtype) if t.dtype != in_dtype else t
-        return t.squeeze(0) if squeeze else t
-
-    solved = (xb.detach(), yb.detach(), ab.detach(), bb.detach(), state.f.detach(),
-              state.g.detach(), float(eps), p, squeeze, in_dtype)
-    return SinkhornResult(value=out(value), f=out(state.f), g=out(state.g), n_iters=state.n_iters,
-                          marginal_error=out(state.marginal_error), solved=solved)
+    batch = _Batched(x, y, a, b)
+    value, state = impl(batch.x, batch.y, batch.a, batch.b, float(eps), p, n_iters, tol, grad)
+    return SinkhornResult(value=batch.restore(value), f=batch.restore(state.f),
+                          g=batch.restore(state.g), n_iters=state.n_iters,
+                          marginal_error=batch.restore(state.marginal_error),
+                          solved=(batch, state.f.detach(), state.g.detach(), float(eps), p))
 
 
 def _samples_loss_torch(a, x, b, y, p, blur, scaling, debias, diameter):
@@ -248,13 +247,7 @@ class SamplesLoss(torch.nn.Module):
         _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
         _, impl = _dispatch.resolve("samples_loss", self.backend, x.device)
 
-        squeeze = x.dim() == 2
-        in_dtype = x.dtype
-        dtype = _compute_dtype(in_dtype)
-        xb, yb = (x.unsqueeze(0), y.unsqueeze(0)) if squeeze else (x, y)
-        xb, yb = xb.to(dtype), yb.to(dtype)
-        ab = _uniform(xb, dtype) if a is None else (a.unsqueeze(0) if squeeze else a).to(dtype)
-        bb = _uniform(yb, dtype) if b is None else (b.unsqueeze(0) if squeeze else b).to(dtype)
-        values = impl(ab, xb, bb, yb, self.p, self.blur, self.scaling, self.debias, self.diameter)
-        values = values.to(in_dtype)
-        return values[0] if squeeze else values
+        batch = _Batched(x, y, a, b)
+        values = impl(batch.a, batch.x, batch.b, batch.y, self.p, self.blur, self.scaling,
+                      self.debias, self.diameter)
+        return batch.restore(values)

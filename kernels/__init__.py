@@ -1,18 +1,7 @@
 """Triton kernels of guider_fast, installed as ``guider_fast.kernels``.
 
-Kernels and their launchers live here (one file per op family); autograd and
-dispatch live in ``guider_fast``.  Importing this package must not import triton:
-each kernel module imports it itself, so ``guider_fast`` works without triton.
+Kernels and their launchers live here, one module per op family; autograd,
+validation and dispatch live in ``guider_fast``.  This package must stay
+importable without triton: each kernel module imports triton itself and is
+only imported by the dispatcher once the "triton" backend is usable.
 """
-
-
-def triton_version():
-    """The installed triton's version string, or None when triton is not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover - Python < 3.8
-        return None
-    try:
-        return version("triton")
-    except PackageNotFoundError:
-        return None

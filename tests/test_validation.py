@@ -28,6 +28,7 @@ SINKHORN_CASES = [
     (dict(x=torch.randint(0, 5, (3, 5, 4))), TypeError, "x must be a floating-point"),
     (dict(y=torch.randint(0, 5, (3, 6, 4))), TypeError, "y must be a floating-point"),
     (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    (dict(y=Y.double()), TypeError, "y must have the dtype of x"),
     (dict(x=torch.randn(3, 0, 4)), ValueError, "empty"),
     (dict(x=torch.randn(0, 5, 4), y=torch.randn(0, 6, 4), a=None, b=None), ValueError, "empty"),
     (dict(x=_with(X, (1, 2, 3), math.nan)), ValueError, "x contains NaN or Inf"),
