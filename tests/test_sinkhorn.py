@@ -215,3 +215,19 @@ def test_property_converged_plan_has_the_marginals(batch, n, m, d, p, eps, seed)
     outer = a.unsqueeze(2) * b.unsqueeze(1)
     kl = torch.where(plan > 0, plan * (plan / outer.clamp_min(1e-300)).log(), torch.zeros_like(plan))
     torch.testing.assert_close(res.value, res.value_linear + eps * kl.sum((1, 2)), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_value_matches_geomloss_entropic_ot_at_fixed_eps(gen, p):
+    """GeomLoss's OT_eps (debias=False) run at one fixed eps converges to our ``value``."""
+    from geomloss._legacy.sinkhorn_divergence import log_weights, sinkhorn_loop
+    from geomloss._legacy.sinkhorn_samples import cost_routines, softmin_tensorized
+
+    x, y, a, b = _ragged_problem(gen, batch=4, n=8, m=11, d=3)
+    eps = 0.3
+    cost = cost_routines[p]
+    _, _, g_ab, f_ba = sinkhorn_loop(softmin_tensorized, log_weights(a), log_weights(b), None, None,
+                                     cost(x, y), cost(y, x), [eps] * 2000, None, debias=False)
+    value_geomloss = (a * f_ba).sum(1) + (b * g_ab).sum(1)
+    ours = gf.sinkhorn(x, y, a, b, eps=eps, p=p, n_iters=2000, tol=1e-12)
+    torch.testing.assert_close(ours.value, value_geomloss, rtol=1e-6, atol=1e-8)
