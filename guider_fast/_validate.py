@@ -14,6 +14,7 @@ Two kinds of checks:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -86,17 +87,31 @@ def require_same_device(named: Iterable[tuple]) -> torch.device:
     return device
 
 
+def require_real(name: str, value) -> None:
+    """A finite real number (Python or NumPy scalar, not bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 def require_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def require_choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
+    # True == 1, so without the bool test p=True would pass as p=1.
+    if (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 

@@ -38,8 +38,7 @@ _dispatch.register("calibrate", "torch", _calibrate_torch)
 
 def _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance):
     V.require_choice("distance", distance, DISTANCES)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
+    V.require_real("threshold", threshold)
     for name, x in (("t", t), ("v", v), ("u_code", u_code), ("t_code", t_code), ("v_code", v_code)):
         V.require_float(name, x)
     V.require_rank("t", t, (2, 3), "(B, d) rows or (B, n, d) clouds")
@@ -61,6 +60,11 @@ def _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance):
         V.require_shape(name, code, tuple(u_code.shape), "same (B, bits) as u_code")
     if u_code.shape[1] == 0:
         raise ValueError("u_code has zero bits")
+    if v.dtype != t.dtype:
+        raise TypeError(f"v must have the dtype of t ({t.dtype}), got {v.dtype}")
+    for name, code in (("t_code", t_code), ("v_code", v_code)):
+        if code.dtype != u_code.dtype:
+            raise TypeError(f"{name} must have the dtype of u_code ({u_code.dtype}), got {code.dtype}")
     V.require_same_device([("t", t), ("v", v), ("u_code", u_code), ("t_code", t_code), ("v_code", v_code)])
     # Value checks only where they cost no device sync: calibrate runs inside
     # the training step and promises no host syncs on the GPU.
@@ -87,8 +91,10 @@ def calibrate(t: torch.Tensor, v: torch.Tensor, u_code: torch.Tensor, t_code: to
         ``SamplesLoss("sinkhorn", p=1, blur=0.1)`` on t and v + 1e-8; a closed
         form for (B, d) rows) or "euclidean" (|t - v|).
 
-    No host syncs and no Python branches on tensor values (for (B, d) rows);
-    nothing returned carries gradients.
+    No host syncs and no Python branches on tensor values for (B, d) rows (clouds
+    need the bounding-box diameter on the host); nothing returned carries
+    gradients.  Half-precision inputs are computed in float32, and the float
+    outputs are float32 (float64 for float64 inputs).
     """
     _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance)
     _, impl = _dispatch.resolve("calibrate", backend, t.device)

@@ -24,6 +24,8 @@ def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights):
     for name, table in (("user_emb", user_emb), ("item_emb", item_emb)):
         V.require_float(name, table)
         V.require_rank(name, table, (2,), "embedding table (rows, D)")
+    if item_emb.dtype != user_emb.dtype:
+        raise TypeError(f"item_emb must have the dtype of user_emb ({user_emb.dtype}), got {item_emb.dtype}")
     if user_emb.shape[1] != item_emb.shape[1]:
         raise ValueError(f"user_emb and item_emb must have the same embedding size D, "
                          f"got {user_emb.shape[1]} and {item_emb.shape[1]}")

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _dispatch
 from . import _validate as V
-from .calibration import Calibration, calibrate
+from .calibration import DISTANCES, Calibration, calibrate
 from .dbpr import _check_dbpr, _dbpr_unchecked
 from .reference import calibration as ref_calibration
 
@@ -49,6 +50,9 @@ class GuiderLoss(nn.Module):
         self.user_hash = nn.Linear(embed_dim, hash_bits)
         self.text_hash = nn.Linear(feat_embed_dim, hash_bits)
         self.image_hash = nn.Linear(feat_embed_dim, hash_bits)
+        V.require_real("threshold", threshold)
+        V.require_choice("distance", distance, DISTANCES)
+        _dispatch.requested_backend(backend)
         self.threshold = float(threshold)
         self.distance = distance
         self.backend = backend
@@ -59,8 +63,11 @@ class GuiderLoss(nn.Module):
     def _item_layers(self):
         return (self.text_proj, self.image_proj, self.text_hash, self.image_hash)
 
-    def _layer_versions(self):
-        return tuple(p._version for layer in self._item_layers() for p in layer.parameters())
+    def _cache_key(self):
+        # In-place updates bump _version; rebinding .data or .to() changes the
+        # storage; the distance choice changes every cached value.
+        return (self.distance,) + tuple((p._version, p.data_ptr(), p.device)
+                                        for layer in self._item_layers() for p in layer.parameters())
 
     def _check_features(self, text_feat, image_feat):
         V.require_float("text_feat", text_feat)
@@ -73,8 +80,14 @@ class GuiderLoss(nn.Module):
                         "as many rows as text_feat, image_dim columns")
 
     def _project(self, text_rows, image_rows):
-        t = self.text_proj(text_rows)
-        v = self.image_proj(image_rows)
+        # Features may be stored in another dtype (e.g. half): cast the gathered rows only.
+        t = self.text_proj(text_rows.to(self.text_proj.weight.dtype))
+        v = self.image_proj(image_rows.to(self.image_proj.weight.dtype))
+        if V.checks_enabled() and t.device.type == "cpu":
+            checks = V.ValueChecks()
+            checks.finite("text_feat", text_rows)
+            checks.finite("image_feat", image_rows)
+            checks.raise_if_any()
         return t, v, self.text_hash(t), self.image_hash(v)
 
     @torch.no_grad()
@@ -90,7 +103,7 @@ class GuiderLoss(nn.Module):
             t_codes.append(torch.sign(t_code).to(torch.int8))
             v_codes.append(torch.sign(v_code).to(torch.int8))
         self._item_cache = (torch.cat(distances), torch.cat(t_codes), torch.cat(v_codes))
-        self._cache_versions = self._layer_versions()
+        self._cache_versions = self._cache_key()
 
     def clear_item_cache(self) -> None:
         self._item_cache = None
@@ -106,12 +119,14 @@ class GuiderLoss(nn.Module):
                 image_feat: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, None)
         with torch.no_grad():
-            u_code = self.user_hash(user_emb.detach().index_select(0, users.long()))
+            user_rows = user_emb.detach().index_select(0, users.long())
+            u_code = self.user_hash(user_rows.to(self.user_hash.weight.dtype))
             if self._item_cache is not None:
-                if self._layer_versions() != self._cache_versions:
+                if self._cache_key() != self._cache_versions:
                     raise RuntimeError(
                         "GuiderLoss item cache is stale: text_proj/image_proj/text_hash/image_hash "
-                        "changed since precompute_items(); call precompute_items() again")
+                        "(or distance) changed, or the module moved, since precompute_items(); "
+                        "call precompute_items() again")
                 item_distance, item_t_code, item_v_code = self._item_cache
                 if pos_items.device != item_distance.device:
                     raise ValueError(f"pos_items is on {pos_items.device} but the item cache is on "

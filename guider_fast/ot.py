@@ -12,6 +12,7 @@ from .reference import samples_loss as ref_samples
 from .reference import sinkhorn as ref_sinkhorn
 
 GRAD_MODES = ("envelope", "autodiff", "detach")
+_MIN_EPS = 1e-30
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -178,15 +179,16 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
     _check_clouds(x, y, a, b)
     V.require_positive("eps", eps)
     V.require_choice("p", p, (1, 2))
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"n_iters must be an integer >= 1, got {n_iters!r}")
+    V.require_int("n_iters", n_iters, 1)
+    if float(eps) < _MIN_EPS:
+        raise ValueError(f"eps must be >= {_MIN_EPS:g} (1/eps must stay finite in float32), got {eps}")
     V.require_positive("tol", tol, allow_none=True)
     V.require_choice("grad", grad, GRAD_MODES)
     _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
     _, impl = _dispatch.resolve("sinkhorn", backend, x.device)
 
     batch = _Batched(x, y, a, b)
-    value, state = impl(batch.x, batch.y, batch.a, batch.b, float(eps), p, n_iters, tol, grad)
+    value, state = impl(batch.x, batch.y, batch.a, batch.b, float(eps), p, int(n_iters), tol, grad)
     return SinkhornResult(value=batch.restore(value), f=batch.restore(state.f),
                           g=batch.restore(state.g), n_iters=state.n_iters,
                           marginal_error=batch.restore(state.marginal_error),
@@ -212,11 +214,21 @@ class SamplesLoss(torch.nn.Module):
     (n = m = 1, GUIDER's calibration) take a closed form equal to GeomLoss's output.
 
     ``diameter`` may be given to skip the bounding-box pass (and its host sync).
+
+    GeomLoss compatibility: ``backend="tensorized"`` means ``"torch"``, and
+    ``"online"`` / ``"multiscale"`` mean ``"auto"`` (same values, our kernels).
+    GeomLoss options outside balanced Sinkhorn between weighted clouds
+    (``reach``, ``cost``, ``kernel``, ``potentials=True``, ``cluster_scale``)
+    raise ``NotImplementedError``; ``truncate`` and ``verbose`` only tune
+    GeomLoss's multiscale backend and are accepted and ignored.
     """
+
+    _GEOMLOSS_BACKENDS = {"tensorized": "torch", "online": "auto", "multiscale": "auto"}
 
     def __init__(self, loss: str = "sinkhorn", p: int = 2, blur: float = 0.05,
                  scaling: float = 0.5, debias: bool = True, backend: str = "auto",
-                 diameter: Optional[float] = None):
+                 diameter: Optional[float] = None, *, reach=None, cost=None, kernel=None,
+                 potentials: bool = False, cluster_scale=None, truncate=5, verbose: bool = False):
         super().__init__()
         V.require_choice("loss", loss, ("sinkhorn",))
         V.require_choice("p", p, (1, 2))
@@ -225,6 +237,14 @@ class SamplesLoss(torch.nn.Module):
         if not scaling < 1:
             raise ValueError(f"scaling must be in (0, 1), got {scaling}")
         V.require_positive("diameter", diameter, allow_none=True)
+        for name, value, default in (("reach", reach, None), ("cost", cost, None),
+                                     ("kernel", kernel, None), ("potentials", potentials, False),
+                                     ("cluster_scale", cluster_scale, None)):
+            if value is not default and value != default:
+                raise NotImplementedError(
+                    f"SamplesLoss: {name}={value!r} is not supported (balanced Sinkhorn with the "
+                    f"|x-y|^p/p cost only); leave {name} at {default!r}")
+        backend = self._GEOMLOSS_BACKENDS.get(backend, backend)
         _dispatch.requested_backend(backend)
         self.loss, self.p, self.blur, self.scaling = loss, p, float(blur), float(scaling)
         self.debias, self.backend, self.diameter = bool(debias), backend, diameter

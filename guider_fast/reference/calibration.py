@@ -13,6 +13,12 @@ MINMAX_EPS = 1e-7
 GEOMLOSS_P, GEOMLOSS_BLUR = 1, 0.1
 
 
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    # Half precision cannot hold the expanded |t|^2 - 2 t.v + |v|^2 cost (its
+    # cancellation flips clean/noisy decisions): work in float32 at least.
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def modality_distance(t: torch.Tensor, v: torch.Tensor, distance: str) -> torch.Tensor:
     """Per-row disagreement (B,) between text and image representations.
 
@@ -20,8 +26,9 @@ def modality_distance(t: torch.Tensor, v: torch.Tensor, distance: str) -> torch.
     blur=0.1)(t[:, None], v[:, None] + 1e-8)``; for (B, d) rows the one-point
     closed form ``(C(t,v') + C(v',t))/2 - (C(t,t) + C(v',v'))/2`` with GeomLoss's
     expanded fp32 cost; for (B, n, d) / (B, m, d) clouds the full debiased divergence.
-    "euclidean": |t - v| exactly.
+    "euclidean": |t - v| exactly.  Half-precision inputs are computed in float32.
     """
+    t, v = _compute(t), _compute(v)
     if distance == "euclidean":
         if t.dim() == 3:
             raise ValueError('distance="euclidean" needs (B, d) rows, not point clouds')
@@ -59,10 +66,11 @@ def calibration_weights(clean: torch.Tensor, sim_text: torch.Tensor, sim_image: 
 
 def weights_from_distance(d, u_code, t_code, v_code, threshold: float):
     """Steps 2-6 of AMSC from per-row distances d (B,): (weights, clean, normalized)."""
+    d = _compute(d)
     normalized = minmax_normalize(d)
     clean = normalized < threshold
-    weights = calibration_weights(clean, sign_similarity(u_code, t_code),
-                                  sign_similarity(u_code, v_code))
+    weights = calibration_weights(clean, sign_similarity(u_code, t_code).to(d.dtype),
+                                  sign_similarity(u_code, v_code).to(d.dtype))
     return weights, clean, normalized
 
 

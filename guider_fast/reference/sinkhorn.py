@@ -29,8 +29,21 @@ _EXP_FLOOR = -80.0
 CHECK_EVERY = 10
 
 
+def centered(x: torch.Tensor, y: torch.Tensor):
+    """x and y shifted by the mean of all their points, per problem.
+
+    Costs and their gradients only depend on differences x_i - y_j, but the
+    expanded form |x|^2 - 2 x.y + |y|^2 loses digits to cancellation when the
+    clouds sit far from the origin or close to each other (a student converging
+    to its teacher): centring first cuts the float32 error by 10-40x there.
+    """
+    center = (x.sum(1, keepdim=True) + y.sum(1, keepdim=True)) / (x.shape[1] + y.shape[1])
+    return x - center, y - center
+
+
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """|x_i - y_j|^2 for batched clouds, via one batched matrix product, clamped at 0."""
+    x, y = centered(x, y)
     x2 = (x * x).sum(-1)
     y2 = (y * y).sum(-1)
     sq = torch.baddbmm(x2.unsqueeze(2) + y2.unsqueeze(1), x, y.transpose(1, 2), alpha=-2.0)
@@ -75,8 +88,11 @@ def softmin_(cost: torch.Tensor, h: torch.Tensor, eps: float, work: torch.Tensor
     index_shape[other] = work.shape[other]
     index = pivot.view(-1, 1, 1).expand(index_shape)
     z_pivot = work.gather(dim, index)
-    torch.ops.aten._log_softmax.out(work, dim, False, out=work)
-    lse = z_pivot.sub_(work.gather(dim, index)).squeeze(dim)
+    # In place on CPU (checked bit-identical there); elsewhere into a fresh
+    # buffer, since aliasing input and output of a private op is not a contract.
+    log_p = work if work.device.type == "cpu" else torch.empty_like(work)
+    torch.ops.aten._log_softmax.out(work, dim, False, out=log_p)
+    lse = z_pivot.sub_(log_p.gather(dim, index)).squeeze(dim)
     return lse.mul_(-eps)
 
 
@@ -179,6 +195,7 @@ def envelope_point_gradients(x, y, a, b, f, g, eps, p):
             weights = torch.where(cost > 0, weights / cost.clamp_min(1e-30), torch.zeros_like(cost))
         # Padding rows/columns have exactly zero mass; the exp floor must not leak into them.
         weights.mul_((a > 0).unsqueeze(2)).mul_((b > 0).unsqueeze(1))
+        x, y = centered(x, y)  # same gradient, less cancellation
         grad_x = weights.sum(2).unsqueeze(2) * x - torch.bmm(weights, y)
         grad_y = weights.sum(1).unsqueeze(2) * y - torch.bmm(weights.transpose(1, 2), x)
         return grad_x, grad_y
