@@ -20,7 +20,7 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "dev": ["pytest", "pytest-benchmark", "pot>=0.9.5", "geomloss==0.3.1", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "pot>=0.9.6", "geomloss==0.3.1", "hypothesis"],
     },
     entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
 )

@@ -80,6 +80,17 @@ def test_outputs_carry_no_gradient(gen):
         assert not field.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_calibrated_in_float32(gen, dtype):
+    t, v, u_code, t_code, v_code = [x.to(dtype) for x in _inputs(gen, batch=2048)]
+    cal = gf.calibrate(t, v, u_code, t_code, v_code)
+    want = gf.calibrate(t.float(), v.float(), u_code.float(), t_code.float(), v_code.float())
+    assert cal.weights.dtype == torch.float32
+    torch.testing.assert_close(cal.distance, want.distance, rtol=0, atol=0)
+    assert torch.equal(cal.clean, want.clean)
+    torch.testing.assert_close(cal.weights, want.weights, rtol=0, atol=0)
+
+
 def test_double_inputs(gen):
     t, v, u_code, t_code, v_code = [x.double() for x in _inputs(gen, batch=9)]
     cal = gf.calibrate(t, v, u_code, t_code, v_code, distance="euclidean")
@@ -139,6 +150,39 @@ def test_precomputed_items_equal_per_batch_projection(gen):
     assert torch.equal(loss_fn.last_calibration.clean, direct_cal.clean)
 
 
+def test_guider_loss_several_negatives(gen):
+    loss_fn, user, item, text, image, users, pos, _ = _guider_setup(gen)
+    neg = torch.randint(0, item.shape[0], (users.shape[0], 4), generator=gen)
+    loss = loss_fn(user, item, users, pos, neg, text, image)
+    with torch.no_grad():
+        t, v = loss_fn.text_proj(text[pos]), loss_fn.image_proj(image[pos])
+        w, _, _, _ = reference_guider_weights(t, v, loss_fn.user_hash(user[users]), loss_fn.text_hash(t),
+                                              loss_fn.image_hash(v))
+    u = user[users]
+    margins = (u * item[pos]).sum(1, keepdim=True) - (u[:, None] * item[neg]).sum(2)
+    want = -(w * F.logsigmoid(margins).mean(1)).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("feature_dtype,table_dtype", [(torch.float16, torch.float32),
+                                                       (torch.bfloat16, torch.bfloat16),
+                                                       (torch.float64, torch.float32)])
+def test_guider_loss_other_storage_dtypes(gen, feature_dtype, table_dtype):
+    loss_fn, user, item, text, image, users, pos, neg = _guider_setup(gen)
+    text_l, image_l = text.to(feature_dtype), image.to(feature_dtype)
+    user_l = user.detach().to(table_dtype).requires_grad_()
+    item_l = item.detach().to(table_dtype).requires_grad_()
+    loss = loss_fn(user_l, item_l, users, pos, neg, text_l, image_l)
+    loss.backward()
+    assert loss.dtype == table_dtype and user_l.grad.dtype == table_dtype
+    want = reference_guider_loss(loss_fn, user_l.detach().float(), item_l.detach().float(),
+                                 text_l.float(), image_l.float(), users, pos, neg)
+    torch.testing.assert_close(loss.float(), want, rtol=1e-2 if table_dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-6)
+    loss_fn.precompute_items(text_l, image_l)
+    torch.testing.assert_close(loss_fn(user_l, item_l, users, pos, neg), loss)
+
+
 def test_stale_item_cache_is_detected(gen):
     loss_fn, user, item, text, image, users, pos, neg = _guider_setup(gen)
     loss_fn.precompute_items(text, image)
@@ -146,6 +190,14 @@ def test_stale_item_cache_is_detected(gen):
         loss_fn.text_proj.weight.add_(0.1)  # what an optimizer step would do
     with pytest.raises(RuntimeError, match="stale"):
         loss_fn(user, item, users, pos, neg)
+    for change in ("rebind", "distance"):
+        loss_fn.precompute_items(text, image)
+        if change == "rebind":
+            loss_fn.image_hash.weight.data = loss_fn.image_hash.weight.data.clone()
+        else:
+            loss_fn.distance = "euclidean"
+        with pytest.raises(RuntimeError, match="stale"):
+            loss_fn(user, item, users, pos, neg)
     loss_fn.clear_item_cache()
     with pytest.raises(ValueError, match="text_feat"):
         loss_fn(user, item, users, pos, neg)

@@ -1,7 +1,6 @@
 """Backend dispatch, the environment override, import hygiene and the CLI."""
 
 import io
-import os
 import subprocess
 import sys
 
@@ -53,11 +52,17 @@ def test_every_public_op_has_a_torch_path():
 
 
 def test_import_neither_initialises_cuda_nor_imports_triton():
-    code = ("import sys, torch, guider_fast, guider_fast.kernels; "
-            "assert not torch.cuda.is_initialized(); "
-            "assert 'triton' not in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+    # Any CUDA query at import (even on a CPU-only torch) trips these patches.
+    code = ("import sys, torch\n"
+            "def boom(*a, **k):\n"
+            "    raise RuntimeError('CUDA touched at import')\n"
+            "torch.cuda._lazy_init = boom\n"
+            "torch.cuda.is_available = boom\n"
+            "torch.cuda.device_count = boom\n"
+            "import guider_fast, guider_fast.kernels\n"
+            "assert 'triton' not in sys.modules\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -71,9 +76,9 @@ def test_cli_info_lists_backends_and_reasons():
     backend_lines = text.split("backends on cpu:", 1)[1].splitlines()
     for name in ("triton", "cuda"):
         line = next(l for l in backend_lines if l.strip().startswith(name + " "))
-        assert "available" in line  # either available or "unavailable: <reason>"
-        if "unavailable" in line:
-            assert len(line.split("unavailable:", 1)[1].strip()) > 10
+        status = line.split(None, 1)[1]
+        assert status == "available" or (status.startswith("unavailable: ")
+                                          and len(status) > len("unavailable: ") + 10)
 
 
 def test_console_script_runs():

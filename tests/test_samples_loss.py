@@ -107,8 +107,28 @@ def test_grad_mode_is_restored(gen):
     assert torch.is_grad_enabled()
 
 
-def test_given_diameter_skips_bounding_box(gen):
+def test_given_diameter_skips_bounding_box(gen, monkeypatch):
+    from guider_fast.reference import samples_loss as ref
+
     x = torch.randn(2, 8, 3, generator=gen)
     y = torch.randn(2, 8, 3, generator=gen)
-    diameter = float((torch.cat([x, y], 1).reshape(-1, 3).amax(0) - torch.cat([x, y], 1).reshape(-1, 3).amin(0)).norm())
-    torch.testing.assert_close(gf.SamplesLoss(diameter=diameter)(x, y), gf.SamplesLoss()(x, y))
+    want = gf.SamplesLoss()(x, y)
+    diameter = ref.bounding_box_diameter(x, y)
+
+    def forbidden(*_):
+        raise AssertionError("the bounding-box pass ran although diameter was given")
+
+    monkeypatch.setattr(ref, "bounding_box_diameter", forbidden)
+    torch.testing.assert_close(gf.SamplesLoss(diameter=diameter)(x, y), want)
+
+
+def test_geomloss_backend_names_and_unsupported_options(gen):
+    x = torch.randn(6, 3, generator=gen)
+    y = torch.randn(5, 3, generator=gen)
+    want = gf.SamplesLoss("sinkhorn", p=2)(x, y)
+    for backend in ("tensorized", "online", "multiscale"):
+        torch.testing.assert_close(gf.SamplesLoss("sinkhorn", p=2, backend=backend)(x, y), want)
+    for option in (dict(reach=1.0), dict(potentials=True), dict(cost=lambda a, b: a), dict(cluster_scale=0.1)):
+        with pytest.raises(NotImplementedError, match=next(iter(option))):
+            gf.SamplesLoss("sinkhorn", **option)
+    gf.SamplesLoss("sinkhorn", truncate=3, verbose=True)  # multiscale-only tuning: accepted

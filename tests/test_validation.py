@@ -44,6 +44,9 @@ SINKHORN_CASES = [
     (dict(eps=math.nan), ValueError, "eps must be a finite number > 0"),
     (dict(eps=torch.tensor(0.1)), TypeError, "eps must be a positive real number"),
     (dict(p=3), ValueError, "p must be one of"),
+    (dict(p=True), ValueError, "p must be one of"),
+    (dict(eps=1e-40), ValueError, "eps must be >="),
+    (dict(n_iters=2.5), ValueError, "n_iters must be an integer"),
     (dict(n_iters=0), ValueError, "n_iters must be an integer >= 1"),
     (dict(tol=-1e-3), ValueError, "tol must be a finite number > 0"),
     (dict(grad="implicit"), ValueError, "grad must be one of"),
@@ -97,6 +100,12 @@ def test_samples_loss_call_rejects():
         loss(A, X, B * 2, Y)
     with pytest.raises(ValueError, match="same feature size"):
         loss(X, torch.randn(3, 6, 2))
+    negative = A.clone()
+    negative[1, 0], negative[1, 1] = -0.1, 0.5
+    with pytest.raises(ValueError, match="a has negative weights"):
+        loss(negative, X, B, Y)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        loss(X.long(), Y)
 
 
 USERS = torch.tensor([0, 2, 1])
@@ -121,6 +130,7 @@ DBPR_CASES = [
     (dict(user_emb=torch.randn(3, 7)), ValueError, "same embedding size"),
     (dict(user_emb=torch.randn(3)), ValueError, "user_emb must be 2-D"),
     (dict(item_emb=torch.randint(0, 3, (5, 8))), TypeError, "item_emb must be a floating-point"),
+    (dict(item_emb=IE.double()), TypeError, "item_emb must have the dtype of user_emb"),
     (dict(weights=torch.rand(4)), ValueError, r"weights must have shape \(3,\)"),
     (dict(weights=torch.tensor([1.0, math.nan, 0.5])), ValueError, "weights contains NaN"),
     (dict(weights=torch.tensor([1, 1, 1])), TypeError, "weights must be a floating-point"),
@@ -153,6 +163,10 @@ CALIBRATE_CASES = [
     (dict(u_code=_with(CODES, (0, 5), math.nan)), ValueError, "u_code contains NaN"),
     (dict(distance="cosine"), ValueError, "distance must be one of"),
     (dict(threshold="high"), TypeError, "threshold must be a real number"),
+    (dict(threshold=math.nan), ValueError, "threshold must be finite"),
+    (dict(v=torch.randint(0, 2, (4, 6))), TypeError, "v must be a floating-point"),
+    (dict(v=torch.randn(4, 6, dtype=torch.float64)), TypeError, "v must have the dtype of t"),
+    (dict(t_code=torch.randn(4, 16, dtype=torch.float64)), TypeError, "t_code must have the dtype of u_code"),
 ]
 
 
@@ -179,6 +193,20 @@ def test_guider_loss_rejects():
         loss(UE, IE, USERS, POS, NEG, torch.randn(6, 6), torch.randn(6, 5))
     with pytest.raises(ValueError, match="hash_bits must be a positive integer"):
         gf.GuiderLoss(text_dim=6, image_dim=5, hash_bits=0)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, distance="cosine")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, backend="gpu")
+    with pytest.raises(TypeError, match="threshold must be a real number"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, threshold="high")
+    with pytest.raises(ValueError, match="text_feat contains NaN"):
+        loss(UE, IE, USERS, POS, NEG, _with(text, (1, 1), math.nan), image)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    res = gf.sinkhorn(X, Y, eps=np.float32(0.5), n_iters=np.int64(5))
+    assert res.n_iters == 5
 
 
 def test_checks_can_be_disabled_and_restored():
@@ -193,3 +221,13 @@ def test_checks_can_be_disabled_and_restored():
     assert gf.checks_enabled()
     with pytest.raises(TypeError, match="enabled must be a bool"):
         gf.set_checks("yes")
+
+
+def test_checks_environment_variable(monkeypatch):
+    monkeypatch.setenv("GUIDER_FAST_CHECKS", "0")
+    assert not gf.checks_enabled()
+    res = gf.sinkhorn(_with(X, (0, 0, 0), math.nan), Y, eps=0.1, n_iters=3)
+    assert bool(torch.isnan(res.value[0]))
+    assert gf.dbpr_loss(UE, IE, USERS, POS, NEG).isfinite()
+    monkeypatch.setenv("GUIDER_FAST_CHECKS", "1")
+    assert gf.checks_enabled()
