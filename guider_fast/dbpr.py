@@ -69,7 +69,12 @@ def dbpr_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tenso
     reduction : "mean" (default, divides by B), "sum", or "none" (per-triplet (B,)).
 
     Gradients reach ``user_emb`` and ``item_emb`` (scatter-added, duplicate
-    indices accumulate) and ``weights`` if it requires grad.
+    indices accumulate) and ``weights`` if it requires grad.  Backward re-gathers
+    the rows instead of keeping (B, K+2, D) copies alive between the passes.
+
+    Value checks cover the indices (range) and ``weights`` (finite); the tables
+    are not scanned for NaN/Inf, which would read every row each step: a
+    non-finite gathered row shows up as a non-finite loss.
     """
     V.require_choice("reduction", reduction, REDUCTIONS)
     _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights)
