@@ -69,8 +69,8 @@ def dbpr_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tenso
     reduction : "mean" (default, divides by B), "sum", or "none" (per-triplet (B,)).
 
     Gradients reach ``user_emb`` and ``item_emb`` (scatter-added, duplicate
-    indices accumulate) and ``weights`` if it requires grad.  Backward re-gathers
-    the rows instead of keeping (B, K+2, D) copies alive between the passes.
+    indices accumulate) and ``weights`` if it requires grad.  Like autograd, it
+    keeps the gathered (B, K+2, D) rows for backward.
 
     Value checks cover the indices (range) and ``weights`` (finite); the tables
     are not scanned for NaN/Inf, which would read every row each step: a

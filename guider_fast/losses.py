@@ -83,10 +83,12 @@ class GuiderLoss(nn.Module):
         # Features may be stored in another dtype (e.g. half): cast the gathered rows only.
         t = self.text_proj(text_rows.to(self.text_proj.weight.dtype))
         v = self.image_proj(image_rows.to(self.image_proj.weight.dtype))
+        # NaN/Inf in a feature row survives the projection: checking the small
+        # projected rows names the culprit without reading 4096-d rows again.
         if V.checks_enabled() and t.device.type == "cpu":
             checks = V.ValueChecks()
-            checks.finite("text_feat", text_rows)
-            checks.finite("image_feat", image_rows)
+            checks.finite("text_feat (rows projected by text_proj)", t)
+            checks.finite("image_feat (rows projected by image_proj)", v)
             checks.raise_if_any()
         return t, v, self.text_hash(t), self.image_hash(v)
 

@@ -199,7 +199,7 @@ def test_guider_loss_rejects():
         gf.GuiderLoss(text_dim=6, image_dim=5, backend="gpu")
     with pytest.raises(TypeError, match="threshold must be a real number"):
         gf.GuiderLoss(text_dim=6, image_dim=5, threshold="high")
-    with pytest.raises(ValueError, match="text_feat contains NaN"):
+    with pytest.raises(ValueError, match=r"text_feat \(rows projected by text_proj\) contains NaN"):
         loss(UE, IE, USERS, POS, NEG, _with(text, (1, 1), math.nan), image)
 
 

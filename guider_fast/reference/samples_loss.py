@@ -19,14 +19,18 @@ _LOG_ZERO = -100000.0
 
 
 def geomloss_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
-    """GeomLoss's batched cost: (|x|^2 - 2 x.y + |y|^2) / 2 for p=2, its sqrt(max(., 1e-8)) for p=1."""
+    """GeomLoss's batched cost: (|x|^2 - 2 x.y + |y|^2) / 2 for p=2, its sqrt(max(., 1e-8)) for p=1.
+
+    Without autograd it is built in place (one (B, n, m) buffer); IEEE addition
+    and scaling by -2 commute exactly, so both versions give the same bits.
+    """
     d_xx = (x * x).sum(-1).unsqueeze(2)
-    d_xy = torch.matmul(x, y.transpose(1, 2))
     d_yy = (y * y).sum(-1).unsqueeze(1)
-    sq = d_xx - 2 * d_xy + d_yy
-    if p == 2:
-        return sq / 2
-    return torch.sqrt(torch.clamp_min(sq, 1e-8))
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        sq = d_xx - 2 * torch.matmul(x, y.transpose(1, 2)) + d_yy
+        return sq / 2 if p == 2 else torch.sqrt(torch.clamp_min(sq, 1e-8))
+    sq = torch.matmul(x, y.transpose(1, 2)).mul_(-2.0).add_(d_xx).add_(d_yy)
+    return sq.div_(2) if p == 2 else sq.clamp_min_(1e-8).sqrt_()
 
 
 def geomloss_log_weights(w: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,8 @@ class ExtrapolatedSoftmin(torch.autograd.Function):
         eps, p = ctx.eps, ctx.p
         sq = geomloss_cost(x, y, 2).mul_(2.0)
         cost = sq.div(2.0) if p == 2 else torch.sqrt(torch.clamp_min(sq, 1e-8))
+        if p == 2:
+            del sq
         # pi_ij = exp(h_j - C_ij/eps + f_i/eps): the soft-max weights of row i.
         weights = torch.add(h.unsqueeze(1), cost, alpha=-1.0 / eps).add_((f / eps).unsqueeze(2))
         weights.clamp_(min=_EXP_FLOOR).exp_()

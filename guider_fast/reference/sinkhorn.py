@@ -41,13 +41,33 @@ def centered(x: torch.Tensor, y: torch.Tensor):
     return x - center, y - center
 
 
-def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """|x_i - y_j|^2 for batched clouds, via one batched matrix product, clamped at 0."""
+def _squared_distances_into(out, x, y):
+    """Write centred |x_i - y_j|^2 into ``out`` without (B, n, m) temporaries."""
     x, y = centered(x, y)
-    x2 = (x * x).sum(-1)
-    y2 = (y * y).sum(-1)
-    sq = torch.baddbmm(x2.unsqueeze(2) + y2.unsqueeze(1), x, y.transpose(1, 2), alpha=-2.0)
-    return sq.clamp_min(0.0)
+    torch.add((x * x).sum(-1).unsqueeze(2), (y * y).sum(-1).unsqueeze(1), out=out)
+    return out.baddbmm_(x, y.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
+
+
+def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|x_i - y_j|^2 for batched clouds, via batched matrix products, clamped at 0.
+
+    Without autograd, problems are processed in chunks whose centred copies
+    take at most a quarter of the output, so building the cost never costs
+    more memory than the cost itself plus a quarter.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        xc, yc = centered(x, y)
+        sq = torch.baddbmm((xc * xc).sum(-1).unsqueeze(2) + (yc * yc).sum(-1).unsqueeze(1),
+                           xc, yc.transpose(1, 2), alpha=-2.0)
+        return sq.clamp_min(0.0)
+    batch, n, d = x.shape
+    m = y.shape[1]
+    out = torch.empty(batch, n, m, dtype=x.dtype, device=x.device)
+    chunk = max(1, (n * m) * batch // (4 * (n + m) * d))
+    for start in range(0, batch, chunk):
+        stop = start + chunk
+        _squared_distances_into(out[start:stop], x[start:stop], y[start:stop])
+    return out
 
 
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
@@ -171,6 +191,12 @@ def log_plan(cost, a, b, f, g, eps):
             + (f.unsqueeze(2) + g.unsqueeze(1) - cost) / eps)
 
 
+def log_plan_(cost, a, b, f, g, eps):
+    """``log_plan`` written over ``cost`` (no autograd, no (B, n, m) temporaries)."""
+    out = cost.neg_().add_(f.unsqueeze(2)).add_(g.unsqueeze(1)).div_(eps)
+    return out.add_(log_weights(a).unsqueeze(2)).add_(log_weights(b).unsqueeze(1))
+
+
 def plan(cost, a, b, f, g, eps):
     return log_plan(cost, a, b, f, g, eps).exp()
 
@@ -187,12 +213,16 @@ def envelope_point_gradients(x, y, a, b, f, g, eps, p):
 
     d/dx_i = sum_j P_ij grad_x C(x_i, y_j): for p=2 that is ``rowsum(P)_i x_i - (P y)_i``,
     for p=1 the same with ``P_ij / |x_i - y_j|`` (0 where the points coincide).
+    One (B, n, m) buffer for p=2, two for p=1.
     """
     with torch.no_grad():
         cost = cost_matrix(x, y, p)
-        weights = log_plan(cost, a, b, f, g, eps).clamp_(min=_EXP_FLOOR).exp_()
         if p == 1:
-            weights = torch.where(cost > 0, weights / cost.clamp_min(1e-30), torch.zeros_like(cost))
+            inverse_cost = torch.where(cost > 0, cost.clamp_min(1e-30).reciprocal(), torch.zeros_like(cost))
+        weights = log_plan_(cost, a, b, f, g, eps).clamp_(min=_EXP_FLOOR).exp_()
+        if p == 1:
+            weights.mul_(inverse_cost)
+            del inverse_cost
         # Padding rows/columns have exactly zero mass; the exp floor must not leak into them.
         weights.mul_((a > 0).unsqueeze(2)).mul_((b > 0).unsqueeze(1))
         x, y = centered(x, y)  # same gradient, less cancellation
