@@ -225,9 +225,10 @@ def envelope_point_gradients(x, y, a, b, f, g, eps, p):
             del inverse_cost
         # Padding rows/columns have exactly zero mass; the exp floor must not leak into them.
         weights.mul_((a > 0).unsqueeze(2)).mul_((b > 0).unsqueeze(1))
-        x, y = centered(x, y)  # same gradient, less cancellation
-        grad_x = weights.sum(2).unsqueeze(2) * x - torch.bmm(weights, y)
-        grad_y = weights.sum(1).unsqueeze(2) * y - torch.bmm(weights.transpose(1, 2), x)
+        # rowsum * x - P y, accumulated into the bmm output (no (B, n, d) temporaries).
+        grad_x = torch.bmm(weights, y).neg_().addcmul_(weights.sum(2, keepdim=True), x)
+        grad_y = torch.bmm(weights.transpose(1, 2), x).neg_().addcmul_(
+            weights.sum(1).unsqueeze(2), y)
         return grad_x, grad_y
 
 
@@ -252,8 +253,8 @@ class EnvelopeValue(torch.autograd.Function):
         scale = grad_value.unsqueeze(1)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             gx, gy = envelope_point_gradients(x, y, a, b, f, g, ctx.eps, ctx.p)
-            grad_x = gx * scale.unsqueeze(2) if ctx.needs_input_grad[0] else None
-            grad_y = gy * scale.unsqueeze(2) if ctx.needs_input_grad[1] else None
+            grad_x = gx.mul_(scale.unsqueeze(2)) if ctx.needs_input_grad[0] else None
+            grad_y = gy.mul_(scale.unsqueeze(2)) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
             grad_a = f * scale
         if ctx.needs_input_grad[3]:
