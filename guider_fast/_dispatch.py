@@ -26,14 +26,41 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
-# op name -> backend name -> implementation
+# op name -> backend name -> implementation (a callable, or a zero-argument loader
+# returning it, so that kernel modules and triton are imported on first use only)
 _REGISTRY: Dict[str, Dict[str, Callable]] = {}
+# op name -> backend name -> dtypes the implementation accepts (None: any)
+_DTYPES: Dict[str, Dict[str, Optional[tuple]]] = {}
+# op name -> backend name -> callable(problem) -> None or why the problem is out of reach
+_LIMITS: Dict[str, Dict[str, Optional[Callable]]] = {}
+_LAZY = set()
 
 
-def register(op: str, backend: str, fn: Callable) -> None:
+def register(op: str, backend: str, fn: Callable, dtypes: Optional[tuple] = None,
+             limits: Optional[Callable] = None, lazy: bool = False) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op``.
+
+    ``dtypes``: accepted input dtypes (None: any).  ``limits(problem)``: None when
+    the implementation takes that problem (an op-specific tuple of sizes), else
+    the reason.  ``lazy``: ``fn`` is a loader called on first use (keeps triton
+    and kernel modules out of ``import guider_fast``).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = fn
+    _DTYPES.setdefault(op, {})[backend] = dtypes
+    _LIMITS.setdefault(op, {})[backend] = limits
+    if lazy:
+        _LAZY.add((op, backend))
+
+
+def _implementation(op: str, backend: str) -> Callable:
+    fn = _REGISTRY[op][backend]
+    if (op, backend) in _LAZY:
+        fn = fn()
+        _REGISTRY[op][backend] = fn
+        _LAZY.discard((op, backend))
+    return fn
 
 
 def registered_ops():
@@ -60,8 +87,9 @@ def _cuda_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
-    """None if ``backend`` can run ``op`` on ``device``, else a sentence saying why not."""
+def unavailable_reason(op: str, backend: str, device: torch.device,
+                       dtype: Optional[torch.dtype] = None, problem=None) -> Optional[str]:
+    """None if ``backend`` can run ``op`` on ``device`` (for ``dtype`` and ``problem``), else why not."""
     if backend == "torch":
         return None
     platform_reason = _triton_reason(device) if backend == "triton" else _cuda_reason(device)
@@ -69,6 +97,13 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
         return platform_reason
     if backend not in _REGISTRY.get(op, {}):
         return f"this version of guider_fast has no {backend} kernel for {op}"
+    dtypes = _DTYPES[op][backend]
+    if dtype is not None and dtypes is not None and dtype not in dtypes:
+        names = ", ".join(str(t).replace("torch.", "") for t in dtypes)
+        return f"the {backend} kernel for {op} takes {names} inputs, got {str(dtype).replace('torch.', '')}"
+    limits = _LIMITS[op][backend]
+    if problem is not None and limits is not None:
+        return limits(problem)
     return None
 
 
@@ -85,20 +120,21 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def resolve(op: str, backend: str, device: torch.device):
-    """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+            problem=None):
+    """Return ``(backend_name, implementation)`` for ``op`` on ``device``, ``dtype``, ``problem``."""
     choice = requested_backend(backend)
     impls = _REGISTRY.get(op, {})
     if choice == "auto":
         order = ("torch",) if device.type == "cpu" else _AUTO_ORDER
         for name in order:
-            if name in impls and unavailable_reason(op, name, device) is None:
-                return name, impls[name]
+            if name in impls and unavailable_reason(op, name, device, dtype, problem) is None:
+                return name, _implementation(op, name)
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch is always registered
-    reason = unavailable_reason(op, choice, device)
+    reason = unavailable_reason(op, choice, device, dtype, problem)
     if reason is not None:
         raise RuntimeError(f"backend={choice!r} cannot run {op}: {reason}")
-    return choice, impls[choice]
+    return choice, _implementation(op, choice)
 
 
 def backend_report(device: torch.device) -> Dict[str, Optional[str]]:

@@ -97,6 +97,6 @@ def calibrate(t: torch.Tensor, v: torch.Tensor, u_code: torch.Tensor, t_code: to
     outputs are float32 (float64 for float64 inputs).
     """
     _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance)
-    _, impl = _dispatch.resolve("calibrate", backend, t.device)
+    _, impl = _dispatch.resolve("calibrate", backend, t.device, t.dtype)
     weights, clean, d, normalized = impl(t, v, u_code, t_code, v_code, float(threshold), distance)
     return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)

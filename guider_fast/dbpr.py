@@ -83,7 +83,7 @@ def dbpr_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tenso
 
 
 def _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights, reduction, backend):
-    _, impl = _dispatch.resolve("dbpr", backend, user_emb.device)
+    _, impl = _dispatch.resolve("dbpr", backend, user_emb.device, user_emb.dtype)
     negatives = neg_items.unsqueeze(1) if neg_items.dim() == 1 else neg_items
     rows = impl(user_emb, item_emb, users.long(), pos_items.long(), negatives.long(), weights)
     if reduction == "mean":

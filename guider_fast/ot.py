@@ -8,6 +8,7 @@ import torch
 
 from . import _dispatch
 from . import _validate as V
+from .kernels import SINKHORN_ONCHIP_MAX_POINTS
 from .reference import samples_loss as ref_samples
 from .reference import sinkhorn as ref_sinkhorn
 
@@ -149,6 +150,39 @@ def _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad):
 _dispatch.register("sinkhorn", "torch", _sinkhorn_torch)
 
 
+def _load_sinkhorn_triton():
+    from .kernels import sinkhorn as kernels
+
+    def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
+        """Fused on-chip Triton solve; envelope gradients from the reference backward."""
+        with torch.no_grad():
+            f, g, error, iterations = kernels.solve_onchip(x.detach(), y.detach(), a.detach(),
+                                                           b.detach(), eps, p, n_iters, tol)
+            f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
+        # Problems stop one by one; one sync per call reads back the longest run.
+        state = ref_sinkhorn.SinkhornState(f, g, int(iterations.max()), error)
+        if grad == "envelope":
+            value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p)
+        else:
+            value = (a * f).sum(-1) + (b * g).sum(-1)
+        return value, state
+
+    return _sinkhorn_triton
+
+
+def _sinkhorn_triton_limits(problem):
+    n, m, _ = problem
+    if max(n, m) > SINKHORN_ONCHIP_MAX_POINTS:
+        return (f"clouds of {max(n, m)} points exceed the on-chip Triton kernel's "
+                f"{SINKHORN_ONCHIP_MAX_POINTS} (no streamed kernel for large clouds in this version)")
+    return None
+
+
+_dispatch.register("sinkhorn", "triton", _load_sinkhorn_triton, lazy=True,
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                   limits=_sinkhorn_triton_limits)
+
+
 def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
              b: Optional[torch.Tensor] = None, *, eps: float, p: int = 2, n_iters: int = 100,
              tol: Optional[float] = None, grad: str = "envelope",
@@ -185,7 +219,14 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
     V.require_positive("tol", tol, allow_none=True)
     V.require_choice("grad", grad, GRAD_MODES)
     _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
-    _, impl = _dispatch.resolve("sinkhorn", backend, x.device)
+    if grad == "autodiff":
+        if _dispatch.requested_backend(backend) not in ("auto", "torch"):
+            raise RuntimeError(f"backend={_dispatch.requested_backend(backend)!r} cannot run sinkhorn with "
+                               "grad='autodiff': backprop through the iterations runs on the torch "
+                               "backend only (use grad='envelope')")
+        backend = "torch"
+    _, impl = _dispatch.resolve("sinkhorn", backend, x.device, x.dtype,
+                                problem=(x.shape[-2], y.shape[-2], x.shape[-1]))
 
     batch = _Batched(x, y, a, b)
     value, state = impl(batch.x, batch.y, batch.a, batch.b, float(eps), p, int(n_iters), tol, grad)
@@ -265,7 +306,7 @@ class SamplesLoss(torch.nn.Module):
             raise TypeError(f"SamplesLoss expects (x, y) or (a, x, b, y), got {len(args)} arguments")
         _check_clouds(x, y, a, b)
         _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
-        _, impl = _dispatch.resolve("samples_loss", self.backend, x.device)
+        _, impl = _dispatch.resolve("samples_loss", self.backend, x.device, x.dtype)
 
         batch = _Batched(x, y, a, b)
         values = impl(batch.a, batch.x, batch.b, batch.y, self.p, self.blur, self.scaling,

@@ -1,0 +1,98 @@
+"""The Triton Sinkhorn kernels against the torch reference, run by Triton's interpreter on CPU."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first decorated
+pytest.importorskip("triton")
+
+import guider_fast as gf  # noqa: E402
+
+from conftest import random_weights, ragged_lengths  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the Triton interpreter on CPU tensors", allow_module_level=True)
+
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def _problem(gen, batch, n, m, d, dtype):
+    x = torch.randn(batch, n, d, generator=gen).to(dtype)
+    y = (torch.randn(batch, m, d, generator=gen) * 1.2 + 0.3).to(dtype)
+    a = random_weights(batch, n, ragged_lengths(batch, n, gen), gen, torch.float32)
+    b = random_weights(batch, m, ragged_lengths(batch, m, gen), gen, torch.float32)
+    return x, y, a, b
+
+
+def _both(x, y, a, b, **kwargs):
+    results = []
+    for backend in ("triton", "torch"):
+        inputs = [t.clone().requires_grad_() for t in (x, y, a, b)]
+        res = gf.sinkhorn(*inputs, backend=backend, **kwargs)
+        grads = torch.autograd.grad(res.value.sum(), inputs)
+        results.append((res, grads))
+    return results
+
+
+def _centred(f, weights):
+    mask = weights > 0
+    mean = (f * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+    return torch.where(mask, f - mean, torch.zeros_like(f))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 13, 5), (2, 1, 9, 70), (2, 17, 1, 3), (1, 33, 20, 16)])
+def test_fixed_iterations_match_reference(gen, p, dtype, shape):
+    x, y, a, b = _problem(gen, *shape, dtype)
+    (tri, tri_grads), (ref, ref_grads) = _both(x, y, a, b, eps=0.4, p=p, n_iters=40)
+    assert tri.n_iters == ref.n_iters == 40
+    assert tri.value.dtype == dtype
+    # Both paths solve in float32 on the same (rounded) inputs: float32 agreement.
+    tol = TOL[torch.float32] if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(tri.value.float(), ref.value.float(), **tol)
+    torch.testing.assert_close(_centred(tri.f.float(), a), _centred(ref.f.float(), a), **tol)
+    torch.testing.assert_close(tri.marginal_error.float(), ref.marginal_error.float(), rtol=1e-3, atol=1e-6)
+    # Point gradients amplify the potentials' fp32 rounding: compare against their scale.
+    for g_tri, g_ref in zip(tri_grads[:2], ref_grads[:2]):
+        scale = g_ref.float().abs().max().clamp_min(1e-6)
+        assert (g_tri.float() - g_ref.float()).abs().max() <= 10 * tol["rtol"] * scale
+    # Weight gradients are the potentials (defined up to a constant per problem).
+    potential_scale = max(1.0, ref.f.float().abs().max().item(), ref.g.float().abs().max().item())
+    for g_tri, g_ref, w in zip(tri_grads[2:], ref_grads[2:], (a, b)):
+        torch.testing.assert_close(_centred(g_tri.float(), w), _centred(g_ref.float(), w),
+                                   rtol=0, atol=tol["rtol"] * potential_scale)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_tolerance_stopping_per_problem(gen, p):
+    x, y, a, b = _problem(gen, 4, 9, 6, 4, torch.float32)
+    tri = gf.sinkhorn(x, y, a, b, eps=0.5, p=p, n_iters=2000, tol=1e-6, backend="triton")
+    ref = gf.sinkhorn(x, y, a, b, eps=0.5, p=p, n_iters=2000, tol=1e-9, backend="torch")
+    assert tri.n_iters < 2000 and tri.n_iters % 10 == 0
+    assert bool((tri.marginal_error <= 1e-6).all())
+    torch.testing.assert_close(tri.value, ref.value, rtol=1e-5, atol=1e-6)
+
+
+def test_unbatched_and_strided_inputs(gen):
+    x = torch.randn(11, 4, generator=gen)
+    y = torch.randn(4, 8, generator=gen).t()  # non-contiguous (8, 4)
+    tri = gf.sinkhorn(x, y, eps=0.3, backend="triton")
+    ref = gf.sinkhorn(x, y.contiguous(), eps=0.3, backend="torch")
+    assert tri.value.shape == () and tri.f.shape == (11,)
+    torch.testing.assert_close(tri.value, ref.value, **TOL[torch.float32])
+
+
+def test_what_the_triton_backend_refuses(gen):
+    x, y, a, b = _problem(gen, 2, 5, 6, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="takes float16, bfloat16, float32 inputs, got float64"):
+        gf.sinkhorn(x.double(), y.double(), eps=0.3, backend="triton")
+    with pytest.raises(RuntimeError, match="300 points exceed the on-chip Triton kernel"):
+        gf.sinkhorn(torch.randn(1, 300, 3), torch.randn(1, 5, 3), eps=0.3, backend="triton")
+    with pytest.raises(RuntimeError, match="grad='autodiff'"):
+        gf.sinkhorn(x, y, eps=0.3, grad="autodiff", backend="triton")
+    # auto on CPU stays on the torch reference even when the interpreter is on.
+    assert gf.sinkhorn(x, y, eps=0.3, grad="autodiff").value.requires_grad is False
