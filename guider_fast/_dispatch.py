@@ -26,41 +26,28 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
-# op name -> backend name -> implementation (a callable, or a zero-argument loader
-# returning it, so that kernel modules and triton are imported on first use only)
+# op name -> backend name -> implementation (kernel modules, and triton, are
+# imported by the implementations on first call, never at registration)
 _REGISTRY: Dict[str, Dict[str, Callable]] = {}
 # op name -> backend name -> dtypes the implementation accepts (None: any)
 _DTYPES: Dict[str, Dict[str, Optional[tuple]]] = {}
 # op name -> backend name -> callable(problem) -> None or why the problem is out of reach
 _LIMITS: Dict[str, Dict[str, Optional[Callable]]] = {}
-_LAZY = set()
 
 
 def register(op: str, backend: str, fn: Callable, dtypes: Optional[tuple] = None,
-             limits: Optional[Callable] = None, lazy: bool = False) -> None:
+             limits: Optional[Callable] = None) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``dtypes``: accepted input dtypes (None: any).  ``limits(problem)``: None when
     the implementation takes that problem (an op-specific tuple of sizes), else
-    the reason.  ``lazy``: ``fn`` is a loader called on first use (keeps triton
-    and kernel modules out of ``import guider_fast``).
+    the reason.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = fn
     _DTYPES.setdefault(op, {})[backend] = dtypes
     _LIMITS.setdefault(op, {})[backend] = limits
-    if lazy:
-        _LAZY.add((op, backend))
-
-
-def _implementation(op: str, backend: str) -> Callable:
-    fn = _REGISTRY[op][backend]
-    if (op, backend) in _LAZY:
-        fn = fn()
-        _REGISTRY[op][backend] = fn
-        _LAZY.discard((op, backend))
-    return fn
 
 
 def registered_ops():
@@ -129,12 +116,12 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
         order = ("torch",) if device.type == "cpu" else _AUTO_ORDER
         for name in order:
             if name in impls and unavailable_reason(op, name, device, dtype, problem) is None:
-                return name, _implementation(op, name)
+                return name, impls[name]
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch is always registered
     reason = unavailable_reason(op, choice, device, dtype, problem)
     if reason is not None:
         raise RuntimeError(f"backend={choice!r} cannot run {op}: {reason}")
-    return choice, _implementation(op, choice)
+    return choice, impls[choice]
 
 
 def backend_report(device: torch.device) -> Dict[str, Optional[str]]:

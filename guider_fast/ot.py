@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _library
 from . import _validate as V
 from .kernels import SINKHORN_ONCHIP_MAX_POINTS
 from .reference import samples_loss as ref_samples
@@ -30,7 +30,9 @@ class SinkhornResult:
     value_linear : ``<P, C>`` (POT ``sinkhorn2``'s convention); computed on first access
         (one pass over the cost), carries no gradient.
     f, g : dual potentials, (B, n) and (B, m); ``P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)``.
-    n_iters : iterations run (all problems stop together, at a check every 10 iterations).
+    n_iters : iterations run (the longest run of the batch; the torch path stops all
+        problems together, the Triton kernel each on its own; checks every 10 iterations).
+        Read on first access (one device sync on the GPU).
     marginal_error : (B,) L1 row-marginal violation of the returned plan.
     plan() : the (B, n, m) transport plan, built on request.
     """
@@ -39,11 +41,17 @@ class SinkhornResult:
         self.value = value
         self.f = f
         self.g = g
-        self.n_iters = n_iters
+        self._n_iters = n_iters
         self.marginal_error = marginal_error
         # (_Batched inputs, f, g in the compute dtype, eps, p)
         self._solved = solved
         self._value_linear = None
+
+    @property
+    def n_iters(self) -> int:
+        if isinstance(self._n_iters, torch.Tensor):
+            self._n_iters = int(self._n_iters.max())
+        return self._n_iters
 
     def __repr__(self) -> str:
         return (f"SinkhornResult(value={self.value!r}, n_iters={self.n_iters}, "
@@ -150,24 +158,19 @@ def _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad):
 _dispatch.register("sinkhorn", "torch", _sinkhorn_torch)
 
 
-def _load_sinkhorn_triton():
-    from .kernels import sinkhorn as kernels
-
-    def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
-        """Fused on-chip Triton solve; envelope gradients from the reference backward."""
-        with torch.no_grad():
-            f, g, error, iterations = kernels.solve_onchip(x.detach(), y.detach(), a.detach(),
+def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
+    """Fused on-chip Triton solve; envelope gradients from the reference backward."""
+    with torch.no_grad():
+        f, g, error, iterations = _library.sinkhorn_onchip(x.detach(), y.detach(), a.detach(),
                                                            b.detach(), eps, p, n_iters, tol)
-            f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
-        # Problems stop one by one; one sync per call reads back the longest run.
-        state = ref_sinkhorn.SinkhornState(f, g, int(iterations.max()), error)
-        if grad == "envelope":
-            value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p)
-        else:
-            value = (a * f).sum(-1) + (b * g).sum(-1)
-        return value, state
-
-    return _sinkhorn_triton
+        f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
+    # Problems stop one by one: n_iters is the longest run, read on first access.
+    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
+    if grad == "envelope":
+        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p)
+    else:
+        value = (a * f).sum(-1) + (b * g).sum(-1)
+    return value, state
 
 
 def _sinkhorn_triton_limits(problem):
@@ -178,7 +181,7 @@ def _sinkhorn_triton_limits(problem):
     return None
 
 
-_dispatch.register("sinkhorn", "triton", _load_sinkhorn_triton, lazy=True,
+_dispatch.register("sinkhorn", "triton", _sinkhorn_triton,
                    dtypes=(torch.float16, torch.bfloat16, torch.float32),
                    limits=_sinkhorn_triton_limits)
 

@@ -96,3 +96,17 @@ def test_what_the_triton_backend_refuses(gen):
         gf.sinkhorn(x, y, eps=0.3, grad="autodiff", backend="triton")
     # auto on CPU stays on the torch reference even when the interpreter is on.
     assert gf.sinkhorn(x, y, eps=0.3, grad="autodiff").value.requires_grad is False
+
+
+def test_registered_custom_op_passes_opcheck(gen):
+    x, y, a, b = _problem(gen, 2, 5, 7, 3, torch.float32)
+    op = torch.ops.guider_fast.sinkhorn_onchip.default
+    torch.library.opcheck(op, (x, y, a, b, 0.3, 2, 20, None))
+    torch.library.opcheck(op, (x, y, a, b, 0.3, 1, 50, 1e-5))
+
+
+def test_n_iters_is_read_lazily(gen):
+    x, y, a, b = _problem(gen, 3, 6, 5, 2, torch.float32)
+    res = gf.sinkhorn(x, y, a, b, eps=0.5, n_iters=500, tol=1e-5, backend="triton")
+    assert isinstance(res._n_iters, torch.Tensor)  # no sync until asked
+    assert isinstance(res.n_iters, int) and 0 < res.n_iters < 500
