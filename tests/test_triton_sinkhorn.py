@@ -110,3 +110,21 @@ def test_n_iters_is_read_lazily(gen):
     res = gf.sinkhorn(x, y, a, b, eps=0.5, n_iters=500, tol=1e-5, backend="triton")
     assert isinstance(res._n_iters, torch.Tensor)  # no sync until asked
     assert isinstance(res.n_iters, int) and 0 < res.n_iters < 500
+
+
+def test_torch_compile_traces_without_graph_breaks(gen):
+    """fullgraph=True fails on any graph break; value checks (a host read) are off, as in production."""
+    x, y, _, _ = _problem(gen, 2, 5, 6, 3, torch.float32)
+    x.requires_grad_()
+
+    def loss(x, y):
+        return gf.sinkhorn(x, y, eps=0.3, n_iters=20, backend="triton").value.sum()
+
+    gf.set_checks(False)
+    try:
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        (grad_compiled,) = torch.autograd.grad(compiled(x, y), x)
+        (grad_eager,) = torch.autograd.grad(loss(x, y), x)
+    finally:
+        gf.set_checks(None)
+    torch.testing.assert_close(grad_compiled, grad_eager)
