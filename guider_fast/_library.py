@@ -8,7 +8,7 @@ a graph break inside the op.  The real kernels are imported on first call only
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,3 +29,17 @@ def _sinkhorn_onchip_fake(x, y, a, b, eps, p, n_iters, tol):
     m = y.shape[1]
     return (x.new_empty(batch, n, dtype=torch.float32), x.new_empty(batch, m, dtype=torch.float32),
             x.new_empty(batch, dtype=torch.float32), x.new_empty(batch, dtype=torch.int32))
+
+
+@torch.library.custom_op("guider_fast::samples_loss_onchip", mutates_args=())
+def samples_loss_onchip(x: Tensor, y: Tensor, a: Tensor, b: Tensor, eps_list: List[float], p: int,
+                        debias: bool) -> Tensor:
+    """GeomLoss's annealed loop in one Triton launch: [f_ba, g_ab(, f_aa, g_bb)] packed per problem."""
+    from .kernels import sinkhorn as kernels
+
+    return kernels.samples_loss_potentials(x, y, a, b, eps_list, p, debias)
+
+
+@samples_loss_onchip.register_fake
+def _samples_loss_onchip_fake(x, y, a, b, eps_list, p, debias):
+    return x.new_empty(x.shape[0], (x.shape[1] + y.shape[1]) * (2 if debias else 1), dtype=torch.float32)

@@ -247,6 +247,26 @@ def _samples_loss_torch(a, x, b, y, p, blur, scaling, debias, diameter):
 _dispatch.register("samples_loss", "torch", _samples_loss_torch)
 
 
+def _samples_loss_triton(a, x, b, y, p, blur, scaling, debias, diameter):
+    """GeomLoss's annealed loop fused in one Triton launch; the last extrapolation in torch."""
+    if x.shape[1] == 1 and y.shape[1] == 1:
+        return ref_samples.one_point_divergence(a, x, b, y, p, debias)
+    eps_list = ref_samples.schedule(x, y, p, blur, scaling, diameter)
+    n, m = x.shape[1], y.shape[1]
+    with torch.no_grad():
+        packed = _library.samples_loss_onchip(x.detach(), y.detach(), a.detach(), b.detach(),
+                                              eps_list, p, debias).to(x.dtype)
+    potentials = torch.split(packed, [n, m, n, m] if debias else [n, m], dim=1)
+    if not debias:
+        potentials = (*potentials, None, None)
+    return ref_samples.extrapolated_divergence(a, x, b, y, p, eps_list[-1], potentials)
+
+
+_dispatch.register("samples_loss", "triton", _samples_loss_triton,
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                   limits=_sinkhorn_triton_limits)
+
+
 class SamplesLoss(torch.nn.Module):
     """Drop-in for GeomLoss ``SamplesLoss("sinkhorn", ...)`` (tensorized semantics of geomloss 0.3.1).
 
@@ -309,7 +329,8 @@ class SamplesLoss(torch.nn.Module):
             raise TypeError(f"SamplesLoss expects (x, y) or (a, x, b, y), got {len(args)} arguments")
         _check_clouds(x, y, a, b)
         _value_checks([("x", x), ("y", y)], [("a", a), ("b", b)])
-        _, impl = _dispatch.resolve("samples_loss", self.backend, x.device, x.dtype)
+        _, impl = _dispatch.resolve("samples_loss", self.backend, x.device, x.dtype,
+                                    problem=(x.shape[-2], y.shape[-2], x.shape[-1]))
 
         batch = _Batched(x, y, a, b)
         values = impl(batch.a, batch.x, batch.b, batch.y, self.p, self.blur, self.scaling,

@@ -131,3 +131,131 @@ def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
         BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
     )
     return f, g, error, iterations
+
+
+@triton.jit
+def _softmin_rows(scaled_cost, h, eps):
+    """-eps * logsumexp_j(h_j - C_ij/eps) for every row i of a (rows, cols) tile."""
+    z = h[None, :] - scaled_cost
+    z_max = tl.max(z, axis=1)
+    return -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[:, None]), axis=1)))
+
+
+@triton.jit
+def _softmin_cols(scaled_cost, h, eps):
+    """-eps * logsumexp_i(h_i - C_ij/eps) for every column j of a (rows, cols) tile."""
+    z = h[:, None] - scaled_cost
+    z_max = tl.max(z, axis=0)
+    return -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0)))
+
+
+@triton.jit
+def _geomloss_cost_tile(u_ptr, v_ptr, u_rows, v_rows, d, stride_un, stride_ud, stride_vn, stride_vd,
+                        P: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """GeomLoss's cost between two point sets: (|u|^2 - 2 u.v + |v|^2)/2, or its sqrt(max(., 1e-8))."""
+    ru = tl.arange(0, BLOCK_U)
+    rv = tl.arange(0, BLOCK_V)
+    feats = tl.arange(0, BLOCK_D)
+    dots = tl.zeros((BLOCK_U, BLOCK_V), dtype=tl.float32)
+    u_sq = tl.zeros((BLOCK_U,), dtype=tl.float32)
+    v_sq = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for start in range(0, d, BLOCK_D):
+        feat_ok = (start + feats) < d
+        ut = tl.load(u_ptr + ru[:, None] * stride_un + (start + feats)[None, :] * stride_ud,
+                     mask=(ru < u_rows)[:, None] & feat_ok[None, :], other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + rv[:, None] * stride_vn + (start + feats)[None, :] * stride_vd,
+                     mask=(rv < v_rows)[:, None] & feat_ok[None, :], other=0.0).to(tl.float32)
+        dots += tl.dot(ut, tl.trans(vt), input_precision="ieee")
+        u_sq += tl.sum(ut * ut, axis=1)
+        v_sq += tl.sum(vt * vt, axis=1)
+    sq = (u_sq[:, None] - 2.0 * dots) + v_sq[None, :]
+    if P == 2:
+        return sq / 2.0
+    else:
+        return tl.sqrt(tl.maximum(sq, 1e-8))
+
+
+@triton.jit
+def _geomloss_log_weights(w_ptr, stride, count, BLOCK: tl.constexpr):
+    # GeomLoss: log w, with -100000 for zero weights; lanes past the cloud are -inf.
+    rows = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + rows * stride, mask=rows < count, other=0.0).to(tl.float32)
+    logs = tl.where(w > 0, tl.log(tl.maximum(w, 1e-38)), -100000.0)
+    return tl.where(rows < count, logs, float("-inf"))
+
+
+@triton.jit
+def _samples_loss_onchip_kernel(
+    x_ptr, y_ptr, a_ptr, b_ptr, eps_ptr, out_ptr,
+    n, m, d, n_eps, stride_out,
+    stride_xb, stride_xn, stride_xd,
+    stride_yb, stride_ym, stride_yd,
+    stride_ab, stride_an, stride_bb, stride_bm,
+    P: tl.constexpr, DEBIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    problem = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    x_base = x_ptr + problem * stride_xb
+    y_base = y_ptr + problem * stride_yb
+    c_xy = _geomloss_cost_tile(x_base, y_base, n, m, d, stride_xn, stride_xd, stride_ym, stride_yd,
+                               P, BLOCK_N, BLOCK_M, BLOCK_D)
+    a_log = _geomloss_log_weights(a_ptr + problem * stride_ab, stride_an, n, BLOCK_N)
+    b_log = _geomloss_log_weights(b_ptr + problem * stride_bb, stride_bm, m, BLOCK_M)
+
+    # GeomLoss's sinkhorn_loop: initial soft-mins at eps_0, then symmetric averaged
+    # updates at every eps of the schedule (the last extrapolation happens outside).
+    eps = tl.load(eps_ptr)
+    f_ba = _softmin_rows(c_xy / eps, b_log, eps)
+    g_ab = _softmin_cols(c_xy / eps, a_log, eps)
+    if DEBIAS:
+        c_xx = _geomloss_cost_tile(x_base, x_base, n, n, d, stride_xn, stride_xd, stride_xn, stride_xd,
+                                   P, BLOCK_N, BLOCK_N, BLOCK_D)
+        c_yy = _geomloss_cost_tile(y_base, y_base, m, m, d, stride_ym, stride_yd, stride_ym, stride_yd,
+                                   P, BLOCK_M, BLOCK_M, BLOCK_D)
+        f_aa = _softmin_rows(c_xx / eps, a_log, eps)
+        g_bb = _softmin_rows(c_yy / eps, b_log, eps)
+    for k in range(0, n_eps):
+        eps = tl.load(eps_ptr + k)
+        inv_eps = 1.0 / eps
+        ft_ba = _softmin_rows(c_xy * inv_eps, b_log + g_ab * inv_eps, eps)
+        gt_ab = _softmin_cols(c_xy * inv_eps, a_log + f_ba * inv_eps, eps)
+        f_ba = 0.5 * (f_ba + ft_ba)
+        g_ab = 0.5 * (g_ab + gt_ab)
+        if DEBIAS:
+            ft_aa = _softmin_rows(c_xx * inv_eps, a_log + f_aa * inv_eps, eps)
+            gt_bb = _softmin_rows(c_yy * inv_eps, b_log + g_bb * inv_eps, eps)
+            f_aa = 0.5 * (f_aa + ft_aa)
+            g_bb = 0.5 * (g_bb + gt_bb)
+
+    out = out_ptr + problem * stride_out
+    tl.store(out + rows, f_ba, mask=rows < n)
+    tl.store(out + n + cols, g_ab, mask=cols < m)
+    if DEBIAS:
+        tl.store(out + n + m + rows, f_aa, mask=rows < n)
+        tl.store(out + 2 * n + m + cols, g_bb, mask=cols < m)
+
+
+def samples_loss_potentials(x, y, a, b, eps_list, p: int, debias: bool):
+    """GeomLoss's annealed symmetric loop in one launch: (B, 2n + 2m) = [f_ba, g_ab, f_aa, g_bb].
+
+    The potentials are those before GeomLoss's last extrapolation step (which
+    carries the gradients and runs outside); without debiasing only
+    (B, n + m) = [f_ba, g_ab].
+    """
+    batch, n, d = x.shape
+    m = y.shape[1]
+    schedule = torch.tensor(eps_list, dtype=torch.float32, device=x.device)
+    out = torch.empty(batch, (n + m) * (2 if debias else 1), dtype=torch.float32, device=x.device)
+    _samples_loss_onchip_kernel[(batch,)](
+        x, y, a, b, schedule, out,
+        n, m, d, len(eps_list), out.stride(0),
+        x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        P=p, DEBIAS=bool(debias),
+        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
+    )
+    return out

@@ -128,3 +128,50 @@ def test_torch_compile_traces_without_graph_breaks(gen):
     finally:
         gf.set_checks(None)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+# ------------------------------------------------------------------ SamplesLoss
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blur,scaling", [(0.05, 0.5), (0.3, 0.8)])
+def test_samples_loss_matches_reference(gen, p, debias, dtype, blur, scaling):
+    x, y, a, b = _problem(gen, 3, 7, 13, 5, dtype)
+    results = []
+    for backend in ("triton", "torch"):
+        inputs = [t.clone().requires_grad_() for t in (a, x, b, y)]
+        value = gf.SamplesLoss(p=p, blur=blur, scaling=scaling, debias=debias, backend=backend)(*inputs)
+        results.append((value, torch.autograd.grad(value.sum(), inputs)))
+    (v_tri, g_tri), (v_ref, g_ref) = results
+    assert v_tri.dtype == dtype
+    # p=1 self-costs C(x_i, x_i) = sqrt(max(rounding residue, 1e-8)) depend on the
+    # summation order of the dot products: GeomLoss's own float32 noise, ~1e-4.
+    rtol = 3e-4 if (p == 1 and debias) else 2e-5
+    if dtype != torch.float32:
+        rtol = TOL[dtype]["rtol"]
+    torch.testing.assert_close(v_tri.float(), v_ref.float(), rtol=rtol, atol=rtol)
+    for grad_tri, grad_ref in zip(g_tri, g_ref):
+        scale = grad_ref.float().abs().max().clamp_min(1e-6)
+        assert (grad_tri.float() - grad_ref.float()).abs().max() <= 20 * rtol * scale
+
+
+def test_samples_loss_unbatched_and_one_point(gen):
+    x = torch.randn(9, 4, generator=gen)
+    y = torch.randn(12, 4, generator=gen)
+    for p in (1, 2):
+        tri = gf.SamplesLoss(p=p, backend="triton")(x, y)
+        ref = gf.SamplesLoss(p=p, backend="torch")(x, y)
+        assert tri.shape == ()
+        torch.testing.assert_close(tri, ref, rtol=3e-4, atol=1e-5)
+    t, v = torch.randn(16, 1, 8, generator=gen), torch.randn(16, 1, 8, generator=gen)
+    torch.testing.assert_close(gf.SamplesLoss(p=1, blur=0.1, backend="triton")(t, v),
+                               gf.SamplesLoss(p=1, blur=0.1, backend="torch")(t, v))
+
+
+def test_samples_loss_custom_op_passes_opcheck(gen):
+    x, y, a, b = _problem(gen, 2, 5, 7, 3, torch.float32)
+    op = torch.ops.guider_fast.samples_loss_onchip.default
+    torch.library.opcheck(op, (x, y, a, b, [2.0, 1.0, 0.5, 0.25], 2, True))
+    torch.library.opcheck(op, (x, y, a, b, [1.5, 0.1], 1, False))

@@ -113,23 +113,23 @@ class ExtrapolatedSoftmin(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-def sinkhorn_divergence(a, x, b, y, p: int = 2, blur: float = 0.05, scaling: float = 0.5,
-                        debias: bool = True, diameter=None):
-    """GeomLoss's ``sinkhorn_tensorized`` on (B, n, d) / (B, m, d) clouds; returns (B,).
-
-    Memory: the loop holds C(x, y), C(x, x), C(y, y) and one shared work buffer
-    (C(y, x) is never formed: the g-update reduces C(x, y) along its rows).
-    """
-    if x.shape[1] == 1 and y.shape[1] == 1:
-        return one_point_divergence(a, x, b, y, p, debias)
-
+def schedule(x, y, p: int, blur: float, scaling: float, diameter=None):
+    """GeomLoss's epsilon list for these clouds (one host read of the diameter if not given)."""
     if diameter is None:
         diameter = bounding_box_diameter(x.detach(), y.detach())
-    eps_list = epsilon_schedule(p, diameter, blur, scaling)
+    return epsilon_schedule(p, diameter, blur, scaling)
+
+
+def annealed_potentials(a, x, b, y, p: int, eps_list, debias: bool):
+    """GeomLoss's symmetric loop over ``eps_list``, no autograd: (f_ba, g_ab, f_aa, g_bb).
+
+    Memory: C(x, y), C(x, x), C(y, y) and one shared work buffer (C(y, x) is
+    never formed: the g-update reduces C(x, y) along its rows).
+    """
     a_log, b_log = geomloss_log_weights(a.detach()), geomloss_log_weights(b.detach())
     xd, yd = x.detach(), y.detach()
     batch, n, m = x.shape[0], x.shape[1], y.shape[1]
-
+    f_aa = g_bb = None
     with torch.no_grad():
         c_xy = geomloss_cost(xd, yd, p)
         sizes = [n * m] + ([n * n, m * m] if debias else [])
@@ -155,14 +155,27 @@ def sinkhorn_divergence(a, x, b, y, p: int = 2, blur: float = 0.05, scaling: flo
                 gt_bb = softmin_(c_yy, b_log + g_bb / eps, eps, work(m, m))
                 f_aa = (f_aa + ft_aa).mul_(0.5)
                 g_bb = (g_bb + gt_bb).mul_(0.5)
-        del storage, c_xy
-        if debias:
-            del c_xx, c_yy
+    return f_ba, g_ab, f_aa, g_bb
 
-    # Last extrapolation at eps = blur^p: the only step that carries gradients.
+
+def extrapolated_divergence(a, x, b, y, p: int, eps: float, potentials):
+    """GeomLoss's last extrapolation at ``eps`` (the step that carries the gradients) and the value."""
+    f_ba, g_ab, f_aa, g_bb = potentials
+    a_log, b_log = geomloss_log_weights(a.detach()), geomloss_log_weights(b.detach())
+    xd, yd = x.detach(), y.detach()
     f_new = ExtrapolatedSoftmin.apply(x, yd, b_log + g_ab / eps, eps, p)
     g_new = ExtrapolatedSoftmin.apply(y, xd, a_log + f_ba / eps, eps, p)
-    if debias:
+    if f_aa is not None:
         f_new = f_new - ExtrapolatedSoftmin.apply(x, xd, a_log + f_aa / eps, eps, p)
         g_new = g_new - ExtrapolatedSoftmin.apply(y, yd, b_log + g_bb / eps, eps, p)
     return (a * f_new).sum(-1) + (b * g_new).sum(-1)
+
+
+def sinkhorn_divergence(a, x, b, y, p: int = 2, blur: float = 0.05, scaling: float = 0.5,
+                        debias: bool = True, diameter=None):
+    """GeomLoss's ``sinkhorn_tensorized`` on (B, n, d) / (B, m, d) clouds; returns (B,)."""
+    if x.shape[1] == 1 and y.shape[1] == 1:
+        return one_point_divergence(a, x, b, y, p, debias)
+    eps_list = schedule(x, y, p, blur, scaling, diameter)
+    potentials = annealed_potentials(a, x, b, y, p, eps_list, debias)
+    return extrapolated_divergence(a, x, b, y, p, eps_list[-1], potentials)
