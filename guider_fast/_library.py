@@ -31,6 +31,23 @@ def _sinkhorn_onchip_fake(x, y, a, b, eps, p, n_iters, tol):
             x.new_empty(batch, dtype=torch.float32), x.new_empty(batch, dtype=torch.int32))
 
 
+@torch.library.custom_op("guider_fast::sinkhorn_streamed", mutates_args=())
+def sinkhorn_streamed(x: Tensor, y: Tensor, a: Tensor, b: Tensor, eps: float, p: int, n_iters: int,
+                      tol: Optional[float], block_points: int = 64,
+                      block_features: int = 64) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Streamed Triton Sinkhorn for large clouds: (f, g, marginal_error, iterations)."""
+    from .kernels import sinkhorn as kernels
+
+    f, g, error, iterations = kernels.solve_streamed(x, y, a, b, eps, p, n_iters, tol,
+                                                     block_points, block_features)
+    return f, g, error, torch.full((x.shape[0],), iterations, dtype=torch.int32, device=x.device)
+
+
+@sinkhorn_streamed.register_fake
+def _sinkhorn_streamed_fake(x, y, a, b, eps, p, n_iters, tol, block_points=64, block_features=64):
+    return _sinkhorn_onchip_fake(x, y, a, b, eps, p, n_iters, tol)
+
+
 @torch.library.custom_op("guider_fast::samples_loss_onchip", mutates_args=())
 def samples_loss_onchip(x: Tensor, y: Tensor, a: Tensor, b: Tensor, eps_list: List[float], p: int,
                         debias: bool) -> Tensor:

@@ -159,10 +159,14 @@ _dispatch.register("sinkhorn", "torch", _sinkhorn_torch)
 
 
 def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
-    """Fused on-chip Triton solve; envelope gradients from the reference backward."""
+    """Triton solve: the fused on-chip kernel for clouds of <= 256 points (each problem
+    stops on its own), else the streamed kernel (all problems stop together);
+    envelope gradients from the reference's row-blocked backward."""
+    solve = (_library.sinkhorn_onchip if max(x.shape[1], y.shape[1]) <= SINKHORN_ONCHIP_MAX_POINTS
+             else _library.sinkhorn_streamed)
     with torch.no_grad():
-        f, g, error, iterations = _library.sinkhorn_onchip(x.detach(), y.detach(), a.detach(),
-                                                           b.detach(), eps, p, n_iters, tol)
+        f, g, error, iterations = solve(x.detach(), y.detach(), a.detach(), b.detach(), eps, p,
+                                        n_iters, tol)
         f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
     # Problems stop one by one: n_iters is the longest run, read on first access.
     state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
@@ -173,17 +177,16 @@ def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
     return value, state
 
 
-def _sinkhorn_triton_limits(problem):
+def _onchip_limits(problem):
     n, m, _ = problem
     if max(n, m) > SINKHORN_ONCHIP_MAX_POINTS:
         return (f"clouds of {max(n, m)} points exceed the on-chip Triton kernel's "
-                f"{SINKHORN_ONCHIP_MAX_POINTS} (no streamed kernel for large clouds in this version)")
+                f"{SINKHORN_ONCHIP_MAX_POINTS} (no streamed SamplesLoss kernel in this version)")
     return None
 
 
 _dispatch.register("sinkhorn", "triton", _sinkhorn_triton,
-                   dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                   limits=_sinkhorn_triton_limits)
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
 def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
@@ -264,7 +267,7 @@ def _samples_loss_triton(a, x, b, y, p, blur, scaling, debias, diameter):
 
 _dispatch.register("samples_loss", "triton", _samples_loss_triton,
                    dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                   limits=_sinkhorn_triton_limits)
+                   limits=_onchip_limits)
 
 
 class SamplesLoss(torch.nn.Module):

@@ -259,3 +259,111 @@ def samples_loss_potentials(x, y, a, b, eps_list, p: int, debias: bool):
         BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
     )
     return out
+
+
+@triton.jit
+def _softmin_streamed_kernel(
+    u_ptr, v_ptr, u_norm_ptr, v_norm_ptr, h_ptr, out_ptr,
+    n_u, n_v, d,
+    stride_ub, stride_un, stride_ud, stride_vb, stride_vn, stride_vd,
+    stride_unb, stride_vnb, stride_hb, stride_ob,
+    eps,
+    P: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out_i = -eps * logsumexp_j(h_j - C(u_i, v_j)/eps) with an online logsumexp over v blocks.
+
+    Cost tiles are recomputed from the points (``tl.dot`` over feature chunks)
+    in every call, so memory stays O((n_u + n_v) d): no n_u x n_v buffer.
+    """
+    problem = tl.program_id(0).to(tl.int64)
+    ru = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    u_ok = ru < n_u
+    feats = tl.arange(0, BLOCK_D)
+    u_norm = tl.load(u_norm_ptr + problem * stride_unb + ru, mask=u_ok, other=0.0)
+    inv_eps = 1.0 / eps
+    running_max = tl.full((BLOCK_U,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_U,), dtype=tl.float32)
+    for v_start in range(0, n_v, BLOCK_V):
+        rv = v_start + tl.arange(0, BLOCK_V)
+        v_ok = rv < n_v
+        dots = tl.zeros((BLOCK_U, BLOCK_V), dtype=tl.float32)
+        for d_start in range(0, d, BLOCK_D):
+            feat_ok = (d_start + feats) < d
+            ut = tl.load(u_ptr + problem * stride_ub + ru[:, None] * stride_un
+                         + (d_start + feats)[None, :] * stride_ud,
+                         mask=u_ok[:, None] & feat_ok[None, :], other=0.0).to(tl.float32)
+            vt = tl.load(v_ptr + problem * stride_vb + rv[:, None] * stride_vn
+                         + (d_start + feats)[None, :] * stride_vd,
+                         mask=v_ok[:, None] & feat_ok[None, :], other=0.0).to(tl.float32)
+            dots += tl.dot(ut, tl.trans(vt), input_precision="ieee")
+        v_norm = tl.load(v_norm_ptr + problem * stride_vnb + rv, mask=v_ok, other=0.0)
+        sq = tl.maximum(u_norm[:, None] + v_norm[None, :] - 2.0 * dots, 0.0)
+        if P == 2:
+            cost = 0.5 * sq
+        else:
+            cost = tl.sqrt(sq)
+        h = tl.load(h_ptr + problem * stride_hb + rv, mask=v_ok, other=float("-inf"))
+        z = h[None, :] - cost * inv_eps
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        # A block of padding only (all -inf) must not turn the sums into nan.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) \
+            + tl.sum(tl.exp(z - safe_max[:, None]), axis=1)
+        running_max = new_max
+    out = -eps * (running_max + tl.log(running_sum))
+    tl.store(out_ptr + problem * stride_ob + ru, out, mask=u_ok)
+
+
+class StreamedCost:
+    """Centred points and their squared norms, prepared once per solve (O((n + m) d) memory)."""
+
+    def __init__(self, x, y, p: int, block_points: int = 64, block_features: int = 64):
+        from guider_fast.reference.sinkhorn import centered
+
+        self.x, self.y = (t.float().contiguous() for t in centered(x, y))
+        self.x_norm = (self.x * self.x).sum(-1)
+        self.y_norm = (self.y * self.y).sum(-1)
+        self.p = p
+        self.block_points = block_points
+        self.block_features = block_features
+
+    def softmin(self, h, eps: float, rows: str):
+        """-eps * logsumexp over the other side: rows="x" gives (B, n) from h (B, m); "y" the converse."""
+        u, v, u_norm, v_norm = ((self.x, self.y, self.x_norm, self.y_norm) if rows == "x"
+                                else (self.y, self.x, self.y_norm, self.x_norm))
+        h = h.float().contiguous()
+        batch, n_u, d = u.shape
+        n_v = v.shape[1]
+        out = torch.empty(batch, n_u, dtype=torch.float32, device=u.device)
+        block_u = min(self.block_points, _block(n_u))
+        block_v = min(self.block_points, _block(n_v))
+        grid = (batch, triton.cdiv(n_u, block_u))
+        _softmin_streamed_kernel[grid](
+            u, v, u_norm, v_norm, h, out,
+            n_u, n_v, d,
+            u.stride(0), u.stride(1), u.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            u_norm.stride(0), v_norm.stride(0), h.stride(0), out.stride(0),
+            float(eps),
+            P=self.p, BLOCK_U=block_u, BLOCK_V=block_v,
+            BLOCK_D=min(self.block_features, _block(d)),
+        )
+        return out
+
+
+def solve_streamed(x, y, a, b, eps: float, p: int, n_iters: int, tol,
+                   block_points: int = 64, block_features: int = 64):
+    """Streamed regime: one launch per half-iteration, O((n + m) d) memory.
+
+    Runs the reference's alternating loop (``iterate``: all problems stop together,
+    the tol test every ``CHECK_EVERY`` iterations) with the soft-min half-steps
+    computed by ``_softmin_streamed_kernel``.  Returns (f, g, marginal_error, n_iters).
+    """
+    from guider_fast.reference.sinkhorn import iterate, log_weights
+
+    cost = StreamedCost(x, y, p, block_points, block_features)
+    a, b = a.float(), b.float()
+    log_a, log_b = log_weights(a), log_weights(b)
+    state = iterate(lambda g: cost.softmin(log_b + g / eps, eps, rows="x"),
+                    lambda f: cost.softmin(log_a + f / eps, eps, rows="y"),
+                    a, b, eps, n_iters, tol)
+    return state.f, state.g, state.marginal_error, state.n_iters

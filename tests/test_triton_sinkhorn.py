@@ -91,7 +91,7 @@ def test_what_the_triton_backend_refuses(gen):
     with pytest.raises(RuntimeError, match="takes float16, bfloat16, float32 inputs, got float64"):
         gf.sinkhorn(x.double(), y.double(), eps=0.3, backend="triton")
     with pytest.raises(RuntimeError, match="300 points exceed the on-chip Triton kernel"):
-        gf.sinkhorn(torch.randn(1, 300, 3), torch.randn(1, 5, 3), eps=0.3, backend="triton")
+        gf.SamplesLoss(backend="triton")(torch.randn(1, 300, 3), torch.randn(1, 5, 3))
     with pytest.raises(RuntimeError, match="grad='autodiff'"):
         gf.sinkhorn(x, y, eps=0.3, grad="autodiff", backend="triton")
     # auto on CPU stays on the torch reference even when the interpreter is on.
@@ -175,3 +175,43 @@ def test_samples_loss_custom_op_passes_opcheck(gen):
     op = torch.ops.guider_fast.samples_loss_onchip.default
     torch.library.opcheck(op, (x, y, a, b, [2.0, 1.0, 0.5, 0.25], 2, True))
     torch.library.opcheck(op, (x, y, a, b, [1.5, 0.1], 1, False))
+
+
+# ------------------------------------------------------------------ streamed regime
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_streamed_kernel_matches_reference(gen, p):
+    """Small blocks so that rows, columns and features each span several blocks."""
+    from guider_fast.kernels import sinkhorn as kernels
+    from guider_fast.reference import sinkhorn as ref
+
+    x, y, a, b = _problem(gen, 2, 37, 50, 20, torch.float32)
+    f, g, error, n_iters = kernels.solve_streamed(x, y, a, b, 0.3, p, 10, None,
+                                                  block_points=16, block_features=16)
+    want = ref.solve_detached(ref.cost_matrix(x, y, p), a, b, 0.3, 10)
+    assert n_iters == 10
+    scale = max(1.0, want.f.abs().max().item())
+    torch.testing.assert_close(_centred(f, a), _centred(want.f, a), rtol=0, atol=2e-6 * scale)
+    torch.testing.assert_close(_centred(g, b), _centred(want.g, b), rtol=0, atol=2e-6 * scale)
+    torch.testing.assert_close(error, want.marginal_error, rtol=1e-3, atol=1e-6)
+
+
+def test_large_clouds_take_the_streamed_kernel(gen):
+    x = torch.randn(1, 300, 6, generator=gen)
+    y = torch.randn(1, 270, 6, generator=gen)
+    results = []
+    for backend in ("triton", "torch"):
+        xr = x.clone().requires_grad_()
+        res = gf.sinkhorn(xr, y, eps=0.5, n_iters=4, backend=backend)
+        results.append((res, torch.autograd.grad(res.value.sum(), xr)[0]))
+    (tri, grad_tri), (ref, grad_ref) = results
+    assert tri.n_iters == 4
+    torch.testing.assert_close(tri.value, ref.value, **TOL[torch.float32])
+    torch.testing.assert_close(grad_tri, grad_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_streamed_custom_op_passes_opcheck(gen):
+    x, y, a, b = _problem(gen, 2, 9, 11, 3, torch.float32)
+    torch.library.opcheck(torch.ops.guider_fast.sinkhorn_streamed.default,
+                          (x, y, a, b, 0.4, 2, 5, None, 16, 16))

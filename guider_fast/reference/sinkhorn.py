@@ -144,8 +144,12 @@ def _row_marginal_error(f_before, f_after, a, eps):
     return (a * (ratio - 1.0)).abs().sum(-1)
 
 
-def _iterate(update_f, update_g, a, b, eps, n_iters, tol):
-    """The shared alternating loop: f from g, then g from f (POT's order)."""
+def iterate(update_f, update_g, a, b, eps, n_iters, tol):
+    """The alternating loop shared by every solver: f from g, then g from f (POT's order).
+
+    ``update_f(g)`` and ``update_g(f)`` are the soft-min half-steps; the tol test
+    reads the row-marginal error every ``CHECK_EVERY`` iterations (one host sync).
+    """
     f = torch.zeros_like(a)
     g = torch.zeros_like(b)
     for it in range(n_iters):
@@ -171,7 +175,7 @@ def solve_detached(cost, a, b, eps, n_iters, tol=None):
     with torch.no_grad():
         log_a, log_b = log_weights(a), log_weights(b)
         work = torch.empty_like(cost)
-        return _iterate(lambda g: softmin_(cost, log_b + g / eps, eps, work, dim=2),
+        return iterate(lambda g: softmin_(cost, log_b + g / eps, eps, work, dim=2),
                         lambda f: softmin_(cost, log_a + f / eps, eps, work, dim=1),
                         a, b, eps, n_iters, tol)
 
@@ -180,7 +184,7 @@ def solve_autodiff(cost, a, b, eps, n_iters, tol=None):
     """Same iterations as ``solve_detached``, recorded by autograd (memory ~ n_iters * B*n*m)."""
     log_a, log_b = log_weights(a), log_weights(b)
     cost_t = cost.transpose(1, 2)
-    return _iterate(lambda g: softmin(cost, log_b + g / eps, eps),
+    return iterate(lambda g: softmin(cost, log_b + g / eps, eps),
                     lambda f: softmin(cost_t, log_a + f / eps, eps),
                     a, b, eps, n_iters, tol)
 
@@ -208,27 +212,44 @@ def linear_value(cost, a, b, f, g, eps):
         return (lp * cost).sum(dim=(1, 2))
 
 
+# Largest (B, rows, m) plan block the envelope backward materialises at once.
+ENVELOPE_BLOCK_ELEMENTS = 1 << 26
+
+
+def _envelope_block(x, y, a, b, f, g, eps, p):
+    """Plan weights of one block of rows: P (p=2) or P / C (p=1), zero on padding."""
+    cost = cost_matrix(x, y, p)
+    if p == 1:
+        inverse_cost = torch.where(cost > 0, cost.clamp_min(1e-30).reciprocal(), torch.zeros_like(cost))
+    weights = log_plan_(cost, a, b, f, g, eps).clamp_(min=_EXP_FLOOR).exp_()
+    if p == 1:
+        weights.mul_(inverse_cost)
+    # Padding rows/columns have exactly zero mass; the exp floor must not leak into them.
+    return weights.mul_((a > 0).unsqueeze(2)).mul_((b > 0).unsqueeze(1))
+
+
 def envelope_point_gradients(x, y, a, b, f, g, eps, p):
     """Gradients of ``<a,f> + <b,g>`` w.r.t. x and y with the plan held at its optimum.
 
     d/dx_i = sum_j P_ij grad_x C(x_i, y_j): for p=2 that is ``rowsum(P)_i x_i - (P y)_i``,
     for p=1 the same with ``P_ij / |x_i - y_j|`` (0 where the points coincide).
-    One (B, n, m) buffer for p=2, two for p=1.
+    Rows are processed in blocks of at most ``ENVELOPE_BLOCK_ELEMENTS`` plan
+    entries, so large clouds never hold the whole (B, n, m) plan.
     """
     with torch.no_grad():
-        cost = cost_matrix(x, y, p)
-        if p == 1:
-            inverse_cost = torch.where(cost > 0, cost.clamp_min(1e-30).reciprocal(), torch.zeros_like(cost))
-        weights = log_plan_(cost, a, b, f, g, eps).clamp_(min=_EXP_FLOOR).exp_()
-        if p == 1:
-            weights.mul_(inverse_cost)
-            del inverse_cost
-        # Padding rows/columns have exactly zero mass; the exp floor must not leak into them.
-        weights.mul_((a > 0).unsqueeze(2)).mul_((b > 0).unsqueeze(1))
-        # rowsum * x - P y, accumulated into the bmm output (no (B, n, d) temporaries).
-        grad_x = torch.bmm(weights, y).neg_().addcmul_(weights.sum(2, keepdim=True), x)
-        grad_y = torch.bmm(weights.transpose(1, 2), x).neg_().addcmul_(
-            weights.sum(1).unsqueeze(2), y)
+        batch, n, _ = x.shape
+        m = y.shape[1]
+        rows = max(1, min(n, ENVELOPE_BLOCK_ELEMENTS // max(1, batch * m)))
+        x_blocks, grad_y = [], torch.zeros_like(y)
+        for start in range(0, n, rows):
+            block = slice(start, start + rows)
+            xb = x[:, block]
+            weights = _envelope_block(xb, y, a[:, block], b, f[:, block], g, eps, p)
+            # rowsum * x - P y, accumulated into the bmm outputs (no (B, n, d) temporaries).
+            x_blocks.append(torch.bmm(weights, y).neg_().addcmul_(weights.sum(2, keepdim=True), xb))
+            grad_y.addcmul_(weights.sum(1).unsqueeze(2), y).sub_(torch.bmm(weights.transpose(1, 2), xb))
+            del weights
+        grad_x = x_blocks[0] if len(x_blocks) == 1 else torch.cat(x_blocks, dim=1)
         return grad_x, grad_y
 
 
