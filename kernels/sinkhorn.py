@@ -112,6 +112,12 @@ def _block(size: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(size))
 
 
+def _warps_for_tile(rows: int, cols: int) -> int:
+    # The on-chip kernels hold whole (rows, cols) tiles: spread large ones over more warps.
+    elements = rows * cols
+    return 4 if elements <= 64 * 64 else (8 if elements <= 128 * 128 else 16)
+
+
 def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
     """Launch one program per problem; returns (f, g, marginal_error, iterations)."""
     batch, n, d = x.shape
@@ -129,6 +135,7 @@ def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
         float(eps), int(n_iters), float(tol if tol is not None else 0.0),
         P=p, USE_TOL=tol is not None, CHECK=CHECK_EVERY,
         BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
+        num_warps=_warps_for_tile(_block(n), _block(m)),
     )
     return f, g, error, iterations
 
@@ -257,6 +264,7 @@ def samples_loss_potentials(x, y, a, b, eps_list, p: int, debias: bool):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         P=p, DEBIAS=bool(debias),
         BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
+        num_warps=_warps_for_tile(max(_block(n), _block(m)), max(_block(n), _block(m))),
     )
     return out
 
