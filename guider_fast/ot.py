@@ -158,17 +158,42 @@ def _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad):
 _dispatch.register("sinkhorn", "torch", _sinkhorn_torch)
 
 
+# Beyond this feature size, recomputing cost tiles in every half-iteration costs more
+# than reading a cost matrix built once by one matrix product ...
+STREAMED_MAX_FEATURES = 512
+# ... as long as that (B, n, m) float32 matrix stays under 1 GiB.
+PRECOMPUTED_COST_MAX_ELEMENTS = 1 << 28
+
+
+def sinkhorn_regime(batch: int, n: int, m: int, d: int) -> str:
+    """How the Triton backend solves a (B, n, m, d) batch (the rule ``auto`` follows on GPU).
+
+    * ``"onchip"``: n, m <= 256: one program per problem keeps its cost tile on chip
+      and runs every iteration in one launch.
+    * ``"precomputed"``: larger clouds with d > 512 whose B*n*m cost fits in 1 GiB:
+      the cost is one matrix product (cuBLAS), then log-domain updates read it.
+    * ``"streamed"``: otherwise: cost tiles recomputed from the points in every
+      half-iteration with an online log-sum-exp; memory O((n + m) d).
+    """
+    if max(n, m) <= SINKHORN_ONCHIP_MAX_POINTS:
+        return "onchip"
+    if d > STREAMED_MAX_FEATURES and batch * n * m <= PRECOMPUTED_COST_MAX_ELEMENTS:
+        return "precomputed"
+    return "streamed"
+
+
 def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
-    """Triton solve: the fused on-chip kernel for clouds of <= 256 points (each problem
-    stops on its own), else the streamed kernel (all problems stop together);
-    envelope gradients from the reference's row-blocked backward."""
-    solve = (_library.sinkhorn_onchip if max(x.shape[1], y.shape[1]) <= SINKHORN_ONCHIP_MAX_POINTS
-             else _library.sinkhorn_streamed)
+    """Triton backend: regime by ``sinkhorn_regime``; envelope gradients from the
+    reference's row-blocked backward (never the whole plan for large clouds)."""
+    regime = sinkhorn_regime(x.shape[0], x.shape[1], y.shape[1], x.shape[2])
+    if regime == "precomputed":
+        return _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad)
+    solve = _library.sinkhorn_onchip if regime == "onchip" else _library.sinkhorn_streamed
     with torch.no_grad():
         f, g, error, iterations = solve(x.detach(), y.detach(), a.detach(), b.detach(), eps, p,
                                         n_iters, tol)
         f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
-    # Problems stop one by one: n_iters is the longest run, read on first access.
+    # On chip, problems stop one by one: n_iters is the longest run, read on first access.
     state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
     if grad == "envelope":
         value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p)
@@ -212,6 +237,10 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
         "autodiff": backprop through every iteration (memory grows with n_iters);
         "detach": no gradients.
     backend : "auto" | "torch" | "triton" | "cuda" (see ``guider_fast._dispatch``).
+        On CUDA tensors ``auto`` takes Triton (float16/bfloat16/float32) and solves
+        by the size rule of ``sinkhorn_regime``: on chip for n, m <= 256; a cost
+        matrix built once when d > 512 and B*n*m fits in 1 GiB; otherwise cost
+        tiles streamed from the points (memory O((n + m) d)).
 
     Returns a ``SinkhornResult``; half-precision inputs are solved in float32 and
     the result is returned in the input dtype.

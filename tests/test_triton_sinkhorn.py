@@ -215,3 +215,21 @@ def test_streamed_custom_op_passes_opcheck(gen):
     x, y, a, b = _problem(gen, 2, 9, 11, 3, torch.float32)
     torch.library.opcheck(torch.ops.guider_fast.sinkhorn_streamed.default,
                           (x, y, a, b, 0.4, 2, 5, None, 16, 16))
+
+
+def test_regime_rule():
+    from guider_fast.ot import sinkhorn_regime
+
+    assert sinkhorn_regime(4096, 32, 32, 64) == "onchip"
+    assert sinkhorn_regime(256, 256, 256, 8192) == "onchip"
+    assert sinkhorn_regime(1, 4096, 4096, 64) == "streamed"
+    assert sinkhorn_regime(1, 2048, 2048, 7050) == "precomputed"
+    assert sinkhorn_regime(1, 65536, 65536, 7050) == "streamed"  # 16 GiB of cost: stream
+
+
+def test_precomputed_regime_matches_reference(gen):
+    x = torch.randn(1, 260, 600, generator=gen)
+    y = torch.randn(1, 270, 600, generator=gen)
+    tri = gf.sinkhorn(x, y, eps=50.0, n_iters=5, backend="triton")
+    ref = gf.sinkhorn(x, y, eps=50.0, n_iters=5, backend="torch")
+    torch.testing.assert_close(tri.value, ref.value)
