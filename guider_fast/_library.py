@@ -48,6 +48,20 @@ def _sinkhorn_streamed_fake(x, y, a, b, eps, p, n_iters, tol, block_points=64, b
     return _sinkhorn_onchip_fake(x, y, a, b, eps, p, n_iters, tol)
 
 
+@torch.library.custom_op("guider_fast::sinkhorn_envelope_grad", mutates_args=())
+def sinkhorn_envelope_grad(x: Tensor, y: Tensor, a: Tensor, b: Tensor, f: Tensor, g: Tensor,
+                           eps: float, p: int, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """Tile-wise envelope gradients (grad_x, grad_y) in Triton; the plan is never stored."""
+    from .kernels import sinkhorn as kernels
+
+    return kernels.envelope_gradients(x, y, a, b, f, g, eps, p, scale)
+
+
+@sinkhorn_envelope_grad.register_fake
+def _sinkhorn_envelope_grad_fake(x, y, a, b, f, g, eps, p, scale):
+    return torch.empty_like(x, dtype=torch.float32), torch.empty_like(y, dtype=torch.float32)
+
+
 @torch.library.custom_op("guider_fast::samples_loss_onchip", mutates_args=())
 def samples_loss_onchip(x: Tensor, y: Tensor, a: Tensor, b: Tensor, eps_list: List[float], p: int,
                         debias: bool) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from . import _dispatch, _library
 from . import _validate as V
-from .kernels import SINKHORN_ONCHIP_MAX_POINTS
+from .kernels import ENVELOPE_MAX_FEATURES, SINKHORN_ONCHIP_MAX_POINTS
 from .reference import samples_loss as ref_samples
 from .reference import sinkhorn as ref_sinkhorn
 
@@ -184,7 +184,8 @@ def sinkhorn_regime(batch: int, n: int, m: int, d: int) -> str:
 
 def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
     """Triton backend: regime by ``sinkhorn_regime``; envelope gradients from the
-    reference's row-blocked backward (never the whole plan for large clouds)."""
+    tile-wise Triton kernel (d <= 256) or the reference's row-blocked backward, so
+    the whole plan is never stored for large clouds."""
     regime = sinkhorn_regime(x.shape[0], x.shape[1], y.shape[1], x.shape[2])
     if regime == "precomputed":
         return _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad)
@@ -196,7 +197,9 @@ def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
     # On chip, problems stop one by one: n_iters is the longest run, read on first access.
     state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
     if grad == "envelope":
-        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p)
+        point_gradients = (_library.sinkhorn_envelope_grad if x.shape[2] <= ENVELOPE_MAX_FEATURES
+                           else None)  # wider points: the reference's row-blocked backward
+        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, point_gradients)
     else:
         value = (a * f).sum(-1) + (b * g).sum(-1)
     return value, state

@@ -375,3 +375,90 @@ def solve_streamed(x, y, a, b, eps: float, p: int, n_iters: int, tol,
                     lambda f: cost.softmin(log_a + f / eps, eps, rows="y"),
                     a, b, eps, n_iters, tol)
     return state.f, state.g, state.marginal_error, state.n_iters
+
+
+@triton.jit
+def _envelope_rows_kernel(
+    u_ptr, v_ptr, u_norm_ptr, v_norm_ptr, f_ptr, g_ptr, log_wu_ptr, log_wv_ptr, scale_ptr, out_ptr,
+    n_u, n_v, d,
+    stride_ub, stride_un, stride_vb, stride_vn,
+    stride_nu, stride_nv, stride_fb, stride_gb, stride_ob, stride_on,
+    eps,
+    P: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_u_i = scale_b * sum_j P_ij grad_u C(u_i, v_j), streamed over v blocks.
+
+    P_ij = exp(log w_u_i + log w_v_j + (f_i + g_j - C_ij) / eps) is rebuilt tile by tile
+    from the final potentials; the plan never exists in memory.  For p=2 the sum is
+    rowsum(P)_i u_i - (P v)_i; for p=1 the same with P_ij / C_ij (0 where C_ij = 0).
+    Points are (B, n, d) contiguous in the feature dimension, d <= BLOCK_D.
+    """
+    problem = tl.program_id(0).to(tl.int64)
+    ru = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    u_ok = ru < n_u
+    feats = tl.arange(0, BLOCK_D)
+    feat_ok = feats < d
+    u = tl.load(u_ptr + problem * stride_ub + ru[:, None] * stride_un + feats[None, :],
+                mask=u_ok[:, None] & feat_ok[None, :], other=0.0)
+    u_norm = tl.load(u_norm_ptr + problem * stride_nu + ru, mask=u_ok, other=0.0)
+    f = tl.load(f_ptr + problem * stride_fb + ru, mask=u_ok, other=0.0)
+    log_wu = tl.load(log_wu_ptr + problem * stride_fb + ru, mask=u_ok, other=float("-inf"))
+    inv_eps = 1.0 / eps
+    row_term = log_wu + f * inv_eps
+    rowsum = tl.zeros((BLOCK_U,), dtype=tl.float32)
+    weighted = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
+    for v_start in range(0, n_v, BLOCK_V):
+        rv = v_start + tl.arange(0, BLOCK_V)
+        v_ok = rv < n_v
+        v = tl.load(v_ptr + problem * stride_vb + rv[:, None] * stride_vn + feats[None, :],
+                    mask=v_ok[:, None] & feat_ok[None, :], other=0.0)
+        v_norm = tl.load(v_norm_ptr + problem * stride_nv + rv, mask=v_ok, other=0.0)
+        g = tl.load(g_ptr + problem * stride_gb + rv, mask=v_ok, other=0.0)
+        log_wv = tl.load(log_wv_ptr + problem * stride_gb + rv, mask=v_ok, other=float("-inf"))
+        sq = tl.maximum(u_norm[:, None] + v_norm[None, :]
+                        - 2.0 * tl.dot(u, tl.trans(v), input_precision="ieee"), 0.0)
+        if P == 2:
+            cost = 0.5 * sq
+        else:
+            cost = tl.sqrt(sq)
+        weights = tl.exp(row_term[:, None] + (log_wv + g * inv_eps)[None, :] - cost * inv_eps)
+        if P == 1:
+            weights = tl.where(cost > 0, weights / tl.maximum(cost, 1e-30), 0.0)
+        rowsum += tl.sum(weights, axis=1)
+        weighted += tl.dot(weights, v, input_precision="ieee")
+    scale = tl.load(scale_ptr + problem)
+    grad = scale * (rowsum[:, None] * u - weighted)
+    tl.store(out_ptr + problem * stride_ob + ru[:, None] * stride_on + feats[None, :], grad,
+             mask=u_ok[:, None] & feat_ok[None, :])
+
+
+def envelope_gradients(x, y, a, b, f, g, eps: float, p: int, scale, block_points: int = 32):
+    """(grad_x, grad_y) of ``scale * (<a,f> + <b,g>)`` with the plan held at its optimum.
+
+    Two launches (rows of x, then rows of y), each streaming over the other side;
+    requires d <= guider_fast.kernels.ENVELOPE_MAX_FEATURES.  Float32 outputs.
+    """
+    from guider_fast.reference.sinkhorn import log_weights
+
+    cost = StreamedCost(x, y, p)
+    log_a, log_b = log_weights(a.float()).contiguous(), log_weights(b.float()).contiguous()
+    f, g = f.float().contiguous(), g.float().contiguous()
+    scale = scale.float().contiguous()
+    grads = []
+    for u, v, u_norm, v_norm, pu, pv, lu, lv in (
+            (cost.x, cost.y, cost.x_norm, cost.y_norm, f, g, log_a, log_b),
+            (cost.y, cost.x, cost.y_norm, cost.x_norm, g, f, log_b, log_a)):
+        batch, n_u, d = u.shape
+        n_v = v.shape[1]
+        out = torch.empty_like(u)
+        block_u = min(block_points, _block(n_u))
+        _envelope_rows_kernel[(batch, triton.cdiv(n_u, block_u))](
+            u, v, u_norm, v_norm, pu, pv, lu, lv, scale, out,
+            n_u, n_v, d,
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            u_norm.stride(0), v_norm.stride(0), pu.stride(0), pv.stride(0), out.stride(0), out.stride(1),
+            float(eps),
+            P=p, BLOCK_U=block_u, BLOCK_V=min(block_points, _block(n_v)), BLOCK_D=_block(d),
+        )
+        grads.append(out)
+    return grads[0], grads[1]

@@ -253,17 +253,27 @@ def envelope_point_gradients(x, y, a, b, f, g, eps, p):
         return grad_x, grad_y
 
 
+def scaled_envelope_point_gradients(x, y, a, b, f, g, eps, p, scale):
+    """``envelope_point_gradients`` times a per-problem ``scale`` (B,): the backward's form."""
+    grad_x, grad_y = envelope_point_gradients(x, y, a, b, f, g, eps, p)
+    factor = scale.view(-1, 1, 1).to(grad_x.dtype)
+    return grad_x.mul_(factor), grad_y.mul_(factor)
+
+
 class EnvelopeValue(torch.autograd.Function):
     """``value = <a, f> + <b, g>`` whose backward is the envelope-theorem gradient.
 
     Forward takes solved (detached) potentials; backward never re-runs the loop:
-    d/da = f, d/db = g, d/dx and d/dy from the plan rebuilt once from f and g.
+    d/da = f, d/db = g, d/dx and d/dy from the plan rebuilt from f and g by
+    ``point_gradients(x, y, a, b, f, g, eps, p, scale)`` (the reference's
+    row-blocked torch version by default; the Triton backend passes its kernel).
     """
 
     @staticmethod
-    def forward(ctx, x, y, a, b, f, g, eps, p):
+    def forward(ctx, x, y, a, b, f, g, eps, p, point_gradients=None):
         ctx.save_for_backward(x, y, a, b, f, g)
         ctx.eps, ctx.p = eps, p
+        ctx.point_gradients = point_gradients or scaled_envelope_point_gradients
         return (a * f).sum(-1) + (b * g).sum(-1)
 
     @staticmethod
@@ -271,13 +281,13 @@ class EnvelopeValue(torch.autograd.Function):
     def backward(ctx, grad_value):
         x, y, a, b, f, g = ctx.saved_tensors
         grad_x = grad_y = grad_a = grad_b = None
-        scale = grad_value.unsqueeze(1)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gx, gy = envelope_point_gradients(x, y, a, b, f, g, ctx.eps, ctx.p)
-            grad_x = gx.mul_(scale.unsqueeze(2)) if ctx.needs_input_grad[0] else None
-            grad_y = gy.mul_(scale.unsqueeze(2)) if ctx.needs_input_grad[1] else None
+            gx, gy = ctx.point_gradients(x, y, a, b, f, g, ctx.eps, ctx.p, grad_value)
+            grad_x = gx.to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_y = gy.to(y.dtype) if ctx.needs_input_grad[1] else None
+        scale = grad_value.unsqueeze(1)
         if ctx.needs_input_grad[2]:
             grad_a = f * scale
         if ctx.needs_input_grad[3]:
             grad_b = g * scale
-        return grad_x, grad_y, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_y, grad_a, grad_b, None, None, None, None, None
