@@ -75,7 +75,7 @@ def _sinkhorn_onchip_kernel(
 
     f = tl.zeros((BLOCK_N,), dtype=tl.float32)
     g = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    error = tl.zeros((), dtype=tl.float32)
+    error = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32), axis=0)  # a float32 scalar
     it = 0
     done = 0
     while (it < n_iters) & (done == 0):
