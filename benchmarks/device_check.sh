@@ -28,8 +28,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   python3 -m guider_fast.cli info
 } 2>&1 | tee "$OUT/device.txt"
 
-# Alone in its process: compiled kernels, not the interpreter the CPU tests switch on.
-timeout 200 python3 -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+# Compiled kernels, not the interpreter that tests/conftest.py switches on by default.
+TRITON_INTERPRET=0 timeout 200 python3 -m pytest tests/test_gpu.py tests/test_dispatch_cli.py -q -rs \
+  -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 timeout 230 python3 benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md" \

@@ -112,6 +112,12 @@ def _block(size: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(size))
 
 
+def feature_block(d: int, tile_rows: int) -> int:
+    """Feature chunk of the on-chip cost tile: its tl.dot operands are staged in shared
+    memory, (tile_rows x chunk) each; keep 256-point debiased tiles under 227 KiB."""
+    return max(16, min(64, _block(d), 8192 // tile_rows))
+
+
 def _warps_for_tile(rows: int, cols: int) -> int:
     # The on-chip kernels hold whole (rows, cols) tiles: spread large ones over more warps.
     elements = rows * cols
@@ -134,7 +140,7 @@ def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         float(eps), int(n_iters), float(tol if tol is not None else 0.0),
         P=p, USE_TOL=tol is not None, CHECK=CHECK_EVERY,
-        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
+        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
         num_warps=_warps_for_tile(_block(n), _block(m)),
     )
     return f, g, error, iterations
@@ -263,7 +269,7 @@ def samples_loss_potentials(x, y, a, b, eps_list, p: int, debias: bool):
         y.stride(0), y.stride(1), y.stride(2),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         P=p, DEBIAS=bool(debias),
-        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=min(64, _block(d)),
+        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
         num_warps=_warps_for_tile(max(_block(n), _block(m)), max(_block(n), _block(m))),
     )
     return out

@@ -1,7 +1,14 @@
 """Shared fixtures: fresh random inputs (never zeros/ones), ragged batches, tolerance tables."""
 
-import pytest
-import torch
+import os
+
+# Triton's interpreter runs the kernels on CPU tensors; the switch must be set before
+# triton is first imported.  On a GPU machine set TRITON_INTERPRET=0 to test the
+# compiled kernels instead (benchmarks/device_check.sh does).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Per-dtype tolerances for comparisons against a float64 computation.
 # Half-precision inputs are rounded before the solve, so their error is the

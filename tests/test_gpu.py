@@ -1,8 +1,8 @@
 """GPU checks of the Triton kernels against the torch reference (skipped without a CUDA device).
 
-CUDA is queried inside the fixture, never at collection.  Run this file in a process
-of its own (benchmarks/device_check.sh does): the interpreter tests set
-TRITON_INTERPRET=1 for their process, and Triton then interprets every kernel.
+CUDA is queried inside the fixture, never at collection.  tests/conftest.py turns
+Triton's interpreter on unless TRITON_INTERPRET is set: run with TRITON_INTERPRET=0
+on the GPU machine (benchmarks/device_check.sh does) to test the compiled kernels.
 """
 
 import os
@@ -21,7 +21,8 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 in this process: run tests/test_gpu.py on its own")
+        pytest.skip("Triton's interpreter is on (TRITON_INTERPRET=1): set TRITON_INTERPRET=0 "
+                    "to test the compiled kernels")
     pytest.importorskip("triton")
     return torch.device("cuda")
 

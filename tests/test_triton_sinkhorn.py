@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first decorated
 pytest.importorskip("triton")
 
 import guider_fast as gf  # noqa: E402
