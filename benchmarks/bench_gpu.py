@@ -24,6 +24,24 @@ WORKLOADS = [(4096, 32, 32, 64), (1024, 64, 64, 64), (256, 256, 256, 64),
              (1, 4096, 4096, 64), (1, 2048, 2048, 7050)]
 QUICK_WORKLOADS = [(1024, 64, 64, 64), (1, 4096, 4096, 64)]
 N_ITERS = 100
+# H100 SXM rates used for the floor (PERF_NOTES; re-measure on the lent card):
+# MUFU exp throughput, and fp32 FMA on the CUDA cores (the kernels' IEEE fp32 dots).
+EXP_PER_S = 4.2e12
+FP32_FMA_PER_S = 33.5e12
+
+
+def roofline(batch, n, m, d, regime):
+    """Floor of 100 iterations from exp and FMA counts, and the unit that bounds it.
+
+    Every half-iteration takes one exp per cost entry: 2 B n m exps per iteration.
+    On chip the cost is built once (B n m d FMAs); streamed, every half-iteration
+    rebuilds its tiles (2 B n m d FMAs per iteration).
+    """
+    exps = 2 * batch * n * m * N_ITERS
+    fmas = batch * n * m * d * (2 * N_ITERS if regime == "streamed" else 1)
+    exp_ms, fma_ms = exps / EXP_PER_S * 1e3, fmas / FP32_FMA_PER_S * 1e3
+    return dict(exps=exps, fmas=fmas, floor_ms=max(exp_ms, fma_ms),
+                bound="exp (MUFU)" if exp_ms >= fma_ms else "fp32 FMA")
 
 
 def _inputs(batch, n, m, d, device):
@@ -115,8 +133,13 @@ def run(workloads):
             for mode, fn in zip(("forward", "forward+backward"), fns):
                 try:
                     ms, peak = _measure(fn)
-                    rows.append(dict(workload=(batch, n, m, d), contender=name, mode=mode, ms=ms,
-                                     peak_mb=peak))
+                    row = dict(workload=(batch, n, m, d), contender=name, mode=mode, ms=ms, peak_mb=peak)
+                    if name == "guider_fast triton" and mode == "forward":
+                        regime = gf.ot.sinkhorn_regime(batch, n, m, d)
+                        floor = roofline(batch, n, m, d, regime)
+                        row.update(regime=regime, floor_ms=floor["floor_ms"], bound=floor["bound"],
+                                   roofline_fraction=floor["floor_ms"] / ms)
+                    rows.append(row)
                 except Exception as exc:  # a peer that fails is reported, not fatal
                     torch.cuda.empty_cache()
                     rows.append(dict(workload=(batch, n, m, d), contender=name, mode=mode,
@@ -139,7 +162,9 @@ def markdown(rows):
         key = (tuple(r["workload"]), r["mode"])
         if "ms" in r:
             ratio = r["ms"] / base[key] if key in base else float("nan")
-            lines.append(f"| {r['workload']} | {r['mode']} | {r['contender']} | {r['ms']:.3f} | "
+            note = (f" ({r['regime']}; floor {r['floor_ms']:.3f} ms, {r['bound']}-bound, "
+                    f"{100 * r['roofline_fraction']:.0f}% of roofline)" if "regime" in r else "")
+            lines.append(f"| {r['workload']} | {r['mode']} | {r['contender']}{note} | {r['ms']:.3f} | "
                          f"{ratio:.2f} | {r['peak_mb']:.1f} |")
         else:
             lines.append(f"| {r['workload']} | {r['mode']} | {r['contender']} | skipped: {r['skipped']} | | |")
