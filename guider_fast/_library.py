@@ -65,7 +65,7 @@ def _sinkhorn_envelope_grad_fake(x, y, a, b, f, g, eps, p, scale):
 @torch.library.custom_op("guider_fast::samples_loss_onchip", mutates_args=())
 def samples_loss_onchip(x: Tensor, y: Tensor, a: Tensor, b: Tensor, eps_list: List[float], p: int,
                         debias: bool) -> Tensor:
-    """GeomLoss's annealed loop in one Triton launch: [f_ba, g_ab(, f_aa, g_bb)] packed per problem."""
+    """GeomLoss's annealed loop and last extrapolation in one Triton launch (packed potentials)."""
     from .kernels import sinkhorn as kernels
 
     return kernels.samples_loss_potentials(x, y, a, b, eps_list, p, debias)
@@ -73,4 +73,21 @@ def samples_loss_onchip(x: Tensor, y: Tensor, a: Tensor, b: Tensor, eps_list: Li
 
 @samples_loss_onchip.register_fake
 def _samples_loss_onchip_fake(x, y, a, b, eps_list, p, debias):
-    return x.new_empty(x.shape[0], (x.shape[1] + y.shape[1]) * (2 if debias else 1), dtype=torch.float32)
+    return x.new_empty(x.shape[0], 2 * (x.shape[1] + y.shape[1]) * (2 if debias else 1),
+                       dtype=torch.float32)
+
+
+@torch.library.custom_op("guider_fast::weighted_cost_gradient", mutates_args=())
+def weighted_cost_gradient(u: Tensor, v: Tensor, row_term: Tensor, col_term: Tensor, scale: Tensor,
+                           eps: float, p: int, geomloss_cost: bool, normalize: bool) -> Tensor:
+    """scale_i * sum_j exp(row_i + col_j - C_ij/eps) grad_u C(u_i, v_j), tile by tile in Triton
+    (``normalize``: rows are soft-max weights, divided by their computed sum)."""
+    from .kernels import sinkhorn as kernels
+
+    return kernels.weighted_cost_gradient(u, v, row_term, col_term, scale, eps, p, geomloss_cost,
+                                          normalize)
+
+
+@weighted_cost_gradient.register_fake
+def _weighted_cost_gradient_fake(u, v, row_term, col_term, scale, eps, p, geomloss_cost, normalize):
+    return torch.empty_like(u, dtype=torch.float32)

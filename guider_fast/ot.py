@@ -282,18 +282,69 @@ def _samples_loss_torch(a, x, b, y, p, blur, scaling, debias, diameter):
 _dispatch.register("samples_loss", "torch", _samples_loss_torch)
 
 
+class _TritonSamplesLossValue(torch.autograd.Function):
+    """GeomLoss's value from the kernel's extrapolated potentials; its gradients
+    (the last extrapolation's, as GeomLoss) rebuilt tile by tile, never a (B, n, m) plan."""
+
+    @staticmethod
+    def forward(ctx, a, x, b, y, packed, eps, p, debias):
+        n, m = x.shape[1], y.shape[1]
+        parts = torch.split(packed, [n, m, n, m] * (2 if debias else 1), dim=1)
+        f_ba, g_ab, f_new, g_new = (t.to(x.dtype) for t in parts[:4])
+        if debias:
+            f_aa, g_bb, f_aa_new, g_bb_new = (t.to(x.dtype) for t in parts[4:])
+            f_value, g_value = f_new - f_aa_new, g_new - g_bb_new
+        else:
+            f_aa = g_bb = f_aa_new = g_bb_new = None
+            f_value, g_value = f_new, g_new
+        ctx.save_for_backward(a, x, b, y, f_value, g_value)
+        ctx.potentials = (f_ba, g_ab, f_new, g_new, f_aa, g_bb, f_aa_new, g_bb_new)
+        ctx.eps, ctx.p, ctx.debias = eps, p, debias
+        return (a * f_value).sum(-1) + (b * g_value).sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value):
+        a, x, b, y, f_value, g_value = ctx.saved_tensors
+        f_ba, g_ab, f_new, g_new, f_aa, g_bb, f_aa_new, g_bb_new = ctx.potentials
+        eps, p = ctx.eps, ctx.p
+        a_log, b_log = ref_samples.geomloss_log_weights(a), ref_samples.geomloss_log_weights(b)
+        scale = grad_value.unsqueeze(1)
+        grad_x = grad_y = None
+
+        def pull(u, v, f, h, weights):
+            return _library.weighted_cost_gradient(u.detach(), v.detach(), f / eps, h, scale * weights,
+                                                   eps, p, True, True)
+
+        if ctx.needs_input_grad[1]:
+            grad_x = pull(x, y, f_new, b_log + g_ab / eps, a)
+            if ctx.debias:
+                grad_x = grad_x - pull(x, x, f_aa_new, a_log + f_aa / eps, a)
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_y = pull(y, x, g_new, a_log + f_ba / eps, b)
+            if ctx.debias:
+                grad_y = grad_y - pull(y, y, g_bb_new, b_log + g_bb / eps, b)
+            grad_y = grad_y.to(y.dtype)
+        grad_a = f_value * scale if ctx.needs_input_grad[0] else None
+        grad_b = g_value * scale if ctx.needs_input_grad[2] else None
+        return grad_a, grad_x, grad_b, grad_y, None, None, None, None
+
+
 def _samples_loss_triton(a, x, b, y, p, blur, scaling, debias, diameter):
-    """GeomLoss's annealed loop fused in one Triton launch; the last extrapolation in torch."""
+    """GeomLoss's annealed loop and last extrapolation in one Triton launch; tile-wise
+    backward (wider points than ENVELOPE_MAX_FEATURES: the reference's extrapolation)."""
     if x.shape[1] == 1 and y.shape[1] == 1:
         return ref_samples.one_point_divergence(a, x, b, y, p, debias)
     eps_list = ref_samples.schedule(x, y, p, blur, scaling, diameter)
-    n, m = x.shape[1], y.shape[1]
     with torch.no_grad():
         packed = _library.samples_loss_onchip(x.detach(), y.detach(), a.detach(), b.detach(),
-                                              eps_list, p, debias).to(x.dtype)
-    potentials = torch.split(packed, [n, m, n, m] if debias else [n, m], dim=1)
-    if not debias:
-        potentials = (*potentials, None, None)
+                                              eps_list, p, debias)
+    if x.shape[2] <= ENVELOPE_MAX_FEATURES:
+        return _TritonSamplesLossValue.apply(a, x, b, y, packed, eps_list[-1], p, debias)
+    n, m = x.shape[1], y.shape[1]
+    parts = torch.split(packed.to(x.dtype), [n, m, n, m] * (2 if debias else 1), dim=1)
+    potentials = (parts[0], parts[1], parts[4], parts[5]) if debias else (parts[0], parts[1], None, None)
     return ref_samples.extrapolated_divergence(a, x, b, y, p, eps_list[-1], potentials)
 
 

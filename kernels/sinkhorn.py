@@ -243,25 +243,36 @@ def _samples_loss_onchip_kernel(
             f_aa = 0.5 * (f_aa + ft_aa)
             g_bb = 0.5 * (g_bb + gt_bb)
 
+    # GeomLoss's last extrapolation at the final eps, from the potentials above.
+    inv_eps = 1.0 / eps
+    f_new = _softmin_rows(c_xy * inv_eps, b_log + g_ab * inv_eps, eps)
+    g_new = _softmin_cols(c_xy * inv_eps, a_log + f_ba * inv_eps, eps)
     out = out_ptr + problem * stride_out
     tl.store(out + rows, f_ba, mask=rows < n)
     tl.store(out + n + cols, g_ab, mask=cols < m)
+    tl.store(out + n + m + rows, f_new, mask=rows < n)
+    tl.store(out + 2 * n + m + cols, g_new, mask=cols < m)
     if DEBIAS:
-        tl.store(out + n + m + rows, f_aa, mask=rows < n)
-        tl.store(out + 2 * n + m + cols, g_bb, mask=cols < m)
+        f_aa_new = _softmin_rows(c_xx * inv_eps, a_log + f_aa * inv_eps, eps)
+        g_bb_new = _softmin_rows(c_yy * inv_eps, b_log + g_bb * inv_eps, eps)
+        tl.store(out + 2 * n + 2 * m + rows, f_aa, mask=rows < n)
+        tl.store(out + 3 * n + 2 * m + cols, g_bb, mask=cols < m)
+        tl.store(out + 3 * n + 3 * m + rows, f_aa_new, mask=rows < n)
+        tl.store(out + 4 * n + 3 * m + cols, g_bb_new, mask=cols < m)
 
 
 def samples_loss_potentials(x, y, a, b, eps_list, p: int, debias: bool):
-    """GeomLoss's annealed symmetric loop in one launch: (B, 2n + 2m) = [f_ba, g_ab, f_aa, g_bb].
+    """GeomLoss's annealed loop and its last extrapolation in one launch.
 
-    The potentials are those before GeomLoss's last extrapolation step (which
-    carries the gradients and runs outside); without debiasing only
-    (B, n + m) = [f_ba, g_ab].
+    Returns (B, k) float32 packing, per problem, [f_ba, g_ab, f_new, g_new] and with
+    debiasing also [f_aa, g_bb, f_aa_new, g_bb_new]: the potentials before the last
+    extrapolation (whose soft-max weights the backward rebuilds) and after it (the
+    value's potentials).
     """
     batch, n, d = x.shape
     m = y.shape[1]
     schedule = torch.tensor(eps_list, dtype=torch.float32, device=x.device)
-    out = torch.empty(batch, (n + m) * (2 if debias else 1), dtype=torch.float32, device=x.device)
+    out = torch.empty(batch, 2 * (n + m) * (2 if debias else 1), dtype=torch.float32, device=x.device)
     _samples_loss_onchip_kernel[(batch,)](
         x, y, a, b, schedule, out,
         n, m, d, len(eps_list), out.stride(0),
@@ -385,19 +396,26 @@ def solve_streamed(x, y, a, b, eps: float, p: int, n_iters: int, tol,
 
 @triton.jit
 def _envelope_rows_kernel(
-    u_ptr, v_ptr, u_norm_ptr, v_norm_ptr, f_ptr, g_ptr, log_wu_ptr, log_wv_ptr, scale_ptr, out_ptr,
+    u_ptr, v_ptr, u_norm_ptr, v_norm_ptr, row_term_ptr, col_term_ptr, scale_ptr, out_ptr,
     n_u, n_v, d,
     stride_ub, stride_un, stride_vb, stride_vn,
-    stride_nu, stride_nv, stride_fb, stride_gb, stride_ob, stride_on,
+    stride_nu, stride_nv, stride_rb, stride_cb, stride_sb, stride_ob, stride_on,
     eps,
-    P: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    P: tl.constexpr, GEOMLOSS_COST: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """grad_u_i = scale_b * sum_j P_ij grad_u C(u_i, v_j), streamed over v blocks.
+    """grad_u_i = scale_i * sum_j w_ij grad_u C(u_i, v_j), streamed over v blocks.
 
-    P_ij = exp(log w_u_i + log w_v_j + (f_i + g_j - C_ij) / eps) is rebuilt tile by tile
-    from the final potentials; the plan never exists in memory.  For p=2 the sum is
-    rowsum(P)_i u_i - (P v)_i; for p=1 the same with P_ij / C_ij (0 where C_ij = 0).
-    Points are (B, n, d) contiguous in the feature dimension, d <= BLOCK_D.
+    w_ij = exp(row_i + col_j - C_ij / eps) is rebuilt tile by tile and never stored:
+    with row = log a + f/eps, col = log b + g/eps it is the Sinkhorn plan (envelope
+    gradient); with row = f/eps, col = h it is GeomLoss's soft-max of an extrapolation
+    step.  For p=2 the sum is rowsum(w)_i u_i - (w v)_i; for p=1 the same with
+    w_ij / C_ij, 0 where C_ij = 0 (or, for GeomLoss's sqrt(max(sq, 1e-8)) cost, where
+    that clamp is active).  Points are contiguous in the feature dimension, d <= BLOCK_D.
+
+    NORMALIZE (soft-max rows, which sum to 1 exactly): divide by the computed row sum
+    of exp(...), so that the cost's rounding here (not bit-identical to the forward
+    kernel's, and amplified by 1/eps) cancels instead of entering rowsum * u - w v.
     """
     problem = tl.program_id(0).to(tl.int64)
     ru = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -407,11 +425,10 @@ def _envelope_rows_kernel(
     u = tl.load(u_ptr + problem * stride_ub + ru[:, None] * stride_un + feats[None, :],
                 mask=u_ok[:, None] & feat_ok[None, :], other=0.0)
     u_norm = tl.load(u_norm_ptr + problem * stride_nu + ru, mask=u_ok, other=0.0)
-    f = tl.load(f_ptr + problem * stride_fb + ru, mask=u_ok, other=0.0)
-    log_wu = tl.load(log_wu_ptr + problem * stride_fb + ru, mask=u_ok, other=float("-inf"))
+    row_term = tl.load(row_term_ptr + problem * stride_rb + ru, mask=u_ok, other=float("-inf"))
     inv_eps = 1.0 / eps
-    row_term = log_wu + f * inv_eps
     rowsum = tl.zeros((BLOCK_U,), dtype=tl.float32)
+    mass = tl.zeros((BLOCK_U,), dtype=tl.float32)
     weighted = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
     for v_start in range(0, n_v, BLOCK_V):
         rv = v_start + tl.arange(0, BLOCK_V)
@@ -419,23 +436,59 @@ def _envelope_rows_kernel(
         v = tl.load(v_ptr + problem * stride_vb + rv[:, None] * stride_vn + feats[None, :],
                     mask=v_ok[:, None] & feat_ok[None, :], other=0.0)
         v_norm = tl.load(v_norm_ptr + problem * stride_nv + rv, mask=v_ok, other=0.0)
-        g = tl.load(g_ptr + problem * stride_gb + rv, mask=v_ok, other=0.0)
-        log_wv = tl.load(log_wv_ptr + problem * stride_gb + rv, mask=v_ok, other=float("-inf"))
-        sq = tl.maximum(u_norm[:, None] + v_norm[None, :]
-                        - 2.0 * tl.dot(u, tl.trans(v), input_precision="ieee"), 0.0)
-        if P == 2:
-            cost = 0.5 * sq
+        col_term = tl.load(col_term_ptr + problem * stride_cb + rv, mask=v_ok, other=float("-inf"))
+        sq = u_norm[:, None] + v_norm[None, :] - 2.0 * tl.dot(u, tl.trans(v), input_precision="ieee")
+        if GEOMLOSS_COST:
+            if P == 2:
+                cost = 0.5 * sq
+            else:
+                cost = tl.sqrt(tl.maximum(sq, 1e-8))
         else:
-            cost = tl.sqrt(sq)
-        weights = tl.exp(row_term[:, None] + (log_wv + g * inv_eps)[None, :] - cost * inv_eps)
+            sq = tl.maximum(sq, 0.0)
+            if P == 2:
+                cost = 0.5 * sq
+            else:
+                cost = tl.sqrt(sq)
+        weights = tl.exp(row_term[:, None] + col_term[None, :] - cost * inv_eps)
+        if NORMALIZE:
+            mass += tl.sum(weights, axis=1)
         if P == 1:
-            weights = tl.where(cost > 0, weights / tl.maximum(cost, 1e-30), 0.0)
+            if GEOMLOSS_COST:
+                weights = tl.where(sq > 1e-8, weights / cost, 0.0)
+            else:
+                weights = tl.where(cost > 0, weights / tl.maximum(cost, 1e-30), 0.0)
         rowsum += tl.sum(weights, axis=1)
         weighted += tl.dot(weights, v, input_precision="ieee")
-    scale = tl.load(scale_ptr + problem)
-    grad = scale * (rowsum[:, None] * u - weighted)
+    scale = tl.load(scale_ptr + problem * stride_sb + ru, mask=u_ok, other=0.0)
+    if NORMALIZE:
+        scale = scale / tl.where(mass > 0, mass, 1.0)
+    grad = scale[:, None] * (rowsum[:, None] * u - weighted)
     tl.store(out_ptr + problem * stride_ob + ru[:, None] * stride_on + feats[None, :], grad,
              mask=u_ok[:, None] & feat_ok[None, :])
+
+
+def weighted_cost_gradient(u, v, row_term, col_term, scale, eps: float, p: int,
+                           geomloss_cost: bool = False, normalize: bool = False, block_points: int = 32):
+    """(B, n_u, d) gradient of ``_envelope_rows_kernel`` for float32 points u, v."""
+    u, v = u.float().contiguous(), v.float().contiguous()
+    u_norm, v_norm = (u * u).sum(-1), (v * v).sum(-1)
+    row_term, col_term = row_term.float().contiguous(), col_term.float().contiguous()
+    scale = scale.float().contiguous()
+    batch, n_u, d = u.shape
+    n_v = v.shape[1]
+    out = torch.empty_like(u)
+    block_u = min(block_points, _block(n_u))
+    _envelope_rows_kernel[(batch, triton.cdiv(n_u, block_u))](
+        u, v, u_norm, v_norm, row_term, col_term, scale, out,
+        n_u, n_v, d,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        u_norm.stride(0), v_norm.stride(0), row_term.stride(0), col_term.stride(0), scale.stride(0),
+        out.stride(0), out.stride(1),
+        float(eps),
+        P=p, GEOMLOSS_COST=geomloss_cost, NORMALIZE=normalize,
+        BLOCK_U=block_u, BLOCK_V=min(block_points, _block(n_v)), BLOCK_D=_block(d),
+    )
+    return out
 
 
 def envelope_gradients(x, y, a, b, f, g, eps: float, p: int, scale, block_points: int = 32):
@@ -444,27 +497,14 @@ def envelope_gradients(x, y, a, b, f, g, eps: float, p: int, scale, block_points
     Two launches (rows of x, then rows of y), each streaming over the other side;
     requires d <= guider_fast.kernels.ENVELOPE_MAX_FEATURES.  Float32 outputs.
     """
-    from guider_fast.reference.sinkhorn import log_weights
+    from guider_fast.reference.sinkhorn import centered, log_weights
 
-    cost = StreamedCost(x, y, p)
-    log_a, log_b = log_weights(a.float()).contiguous(), log_weights(b.float()).contiguous()
-    f, g = f.float().contiguous(), g.float().contiguous()
-    scale = scale.float().contiguous()
-    grads = []
-    for u, v, u_norm, v_norm, pu, pv, lu, lv in (
-            (cost.x, cost.y, cost.x_norm, cost.y_norm, f, g, log_a, log_b),
-            (cost.y, cost.x, cost.y_norm, cost.x_norm, g, f, log_b, log_a)):
-        batch, n_u, d = u.shape
-        n_v = v.shape[1]
-        out = torch.empty_like(u)
-        block_u = min(block_points, _block(n_u))
-        _envelope_rows_kernel[(batch, triton.cdiv(n_u, block_u))](
-            u, v, u_norm, v_norm, pu, pv, lu, lv, scale, out,
-            n_u, n_v, d,
-            u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-            u_norm.stride(0), v_norm.stride(0), pu.stride(0), pv.stride(0), out.stride(0), out.stride(1),
-            float(eps),
-            P=p, BLOCK_U=block_u, BLOCK_V=min(block_points, _block(n_v)), BLOCK_D=_block(d),
-        )
-        grads.append(out)
-    return grads[0], grads[1]
+    xc, yc = centered(x.float(), y.float())
+    inv_eps = 1.0 / eps
+    x_term = log_weights(a.float()) + f.float() * inv_eps
+    y_term = log_weights(b.float()) + g.float() * inv_eps
+    grad_x = weighted_cost_gradient(xc, yc, x_term, y_term, scale.float()[:, None].expand_as(x_term),
+                                    eps, p, block_points=block_points)
+    grad_y = weighted_cost_gradient(yc, xc, y_term, x_term, scale.float()[:, None].expand_as(y_term),
+                                    eps, p, block_points=block_points)
+    return grad_x, grad_y

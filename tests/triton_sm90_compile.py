@@ -53,7 +53,9 @@ CONFIGS = [
     (kernels._softmin_streamed_kernel, "*fp32",
      dict(P=2, BLOCK_U=64, BLOCK_V=64, BLOCK_D=64), 4),
     (kernels._envelope_rows_kernel, "*fp32",
-     dict(P=1, BLOCK_U=32, BLOCK_V=32, BLOCK_D=256), 4),
+     dict(P=1, GEOMLOSS_COST=True, NORMALIZE=True, BLOCK_U=32, BLOCK_V=32, BLOCK_D=256), 4),
+    (kernels._envelope_rows_kernel, "*fp32",
+     dict(P=2, GEOMLOSS_COST=False, NORMALIZE=False, BLOCK_U=32, BLOCK_V=32, BLOCK_D=64), 4),
 ]
 
 
