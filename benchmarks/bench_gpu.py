@@ -53,8 +53,11 @@ def _inputs(batch, n, m, d, device):
     return x, y, eps
 
 
+MODES = ("forward", "forward+backward", "forward tol=1e-5")
+
+
 def _contenders(x, y, eps):
-    """name -> (forward fn, forward+backward fn or None)."""
+    """name -> (forward fn, forward+backward fn, tol-stopped forward fn or None)."""
     out = {}
 
     def guider(backend):
@@ -65,7 +68,11 @@ def _contenders(x, y, eps):
             xr = x.detach().requires_grad_()
             gf.sinkhorn(xr, y, eps=eps, n_iters=N_ITERS, backend=backend).value.sum().backward()
 
-        return forward, forward_backward
+        def forward_tol():
+            return gf.sinkhorn(x, y, eps=eps, n_iters=10 * N_ITERS, tol=1e-5, grad="detach",
+                               backend=backend).n_iters
+
+        return forward, forward_backward, forward_tol
 
     out["guider_fast triton"] = guider("triton")
     out["guider_fast torch"] = guider("torch")
@@ -82,7 +89,7 @@ def _contenders(x, y, eps):
                     res.value.sum().backward()
             return run
 
-        out["POT solve_sample_batch"] = (pot("detach"), pot("envelope"))
+        out["POT solve_sample_batch"] = (pot("detach"), pot("envelope"), None)
     except ImportError as exc:
         out["POT solve_sample_batch"] = f"not importable: {exc}"
     try:
@@ -103,7 +110,7 @@ def _contenders(x, y, eps):
                     value.sum().backward()
             return run
 
-        out["GeomLoss tensorized"] = (geomloss(False), geomloss(True))
+        out["GeomLoss tensorized"] = (geomloss(False), geomloss(True), None)
     except ImportError as exc:
         out["GeomLoss tensorized"] = f"not importable: {exc}"
     return out
@@ -130,7 +137,9 @@ def run(workloads):
             if isinstance(fns, str):
                 rows.append(dict(workload=(batch, n, m, d), contender=name, mode="-", skipped=fns))
                 continue
-            for mode, fn in zip(("forward", "forward+backward"), fns):
+            for mode, fn in zip(MODES, fns):
+                if fn is None:
+                    continue
                 try:
                     ms, peak = _measure(fn)
                     row = dict(workload=(batch, n, m, d), contender=name, mode=mode, ms=ms, peak_mb=peak)

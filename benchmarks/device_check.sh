@@ -5,9 +5,12 @@
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=480)
 #
 # The machine has torch and triton but no POT/GeomLoss and no network: to compare with
-# them, download their wheels here first (see the device tool's README, Python 3.12,
-# manylinux x86_64) into .whl/ (ignored via .git/info/exclude) and carry it; without
-# them the benchmark skips those peers with the reason.  The CUDA extension (csrc/)
+# them, download their wheels here first and carry .whl; without them the benchmark
+# skips those peers with the reason:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl pot==0.9.7.post1 geomloss==0.3.1  The CUDA extension (csrc/)
 # does not exist yet: nothing to build.
 set -u -o pipefail
 OUT=${OUT:-/tmp/guider_fast_out}
