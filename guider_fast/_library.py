@@ -59,7 +59,8 @@ def sinkhorn_envelope_grad(x: Tensor, y: Tensor, a: Tensor, b: Tensor, f: Tensor
 
 @sinkhorn_envelope_grad.register_fake
 def _sinkhorn_envelope_grad_fake(x, y, a, b, f, g, eps, p, scale):
-    return torch.empty_like(x, dtype=torch.float32), torch.empty_like(y, dtype=torch.float32)
+    # The kernels return fresh contiguous tensors, whatever the inputs' layout.
+    return x.new_empty(x.shape, dtype=torch.float32), y.new_empty(y.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("guider_fast::samples_loss_onchip", mutates_args=())
@@ -90,4 +91,4 @@ def weighted_cost_gradient(u: Tensor, v: Tensor, row_term: Tensor, col_term: Ten
 
 @weighted_cost_gradient.register_fake
 def _weighted_cost_gradient_fake(u, v, row_term, col_term, scale, eps, p, geomloss_cost, normalize):
-    return torch.empty_like(u, dtype=torch.float32)
+    return u.new_empty(u.shape, dtype=torch.float32)

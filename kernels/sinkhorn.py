@@ -15,6 +15,8 @@ This module imports triton; ``guider_fast`` imports it only when the "triton"
 backend is used.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +47,7 @@ def _sinkhorn_onchip_kernel(
     dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     y_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    count = (n + m).to(tl.float32)
+    count = (n + m) * 1.0  # n, m may be specialised to Python ints (== 1) at launch
     for start in range(0, d, BLOCK_D):
         feat_ok = (start + feats) < d
         x_mask = row_ok[:, None] & feat_ok[None, :]
@@ -64,13 +66,13 @@ def _sinkhorn_onchip_kernel(
     if P == 2:
         cost = 0.5 * sq
     else:
-        cost = tl.sqrt(sq)
+        cost = tl.sqrt_rn(sq)
 
     a = tl.load(a_ptr + problem * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + problem * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
     log_a = tl.where(a > 0, tl.log(tl.maximum(a, 1e-38)), float("-inf"))
     log_b = tl.where(b > 0, tl.log(tl.maximum(b, 1e-38)), float("-inf"))
-    inv_eps = 1.0 / eps
+    inv_eps = tl.div_rn(1.0, eps)
     scaled_cost = cost * inv_eps
 
     f = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -108,6 +110,17 @@ def _sinkhorn_onchip_kernel(
     tl.store(iters_ptr + problem, it)
 
 
+def _on_device(t):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_block(name: str, value: int) -> None:
+    # tl.dot needs every dimension >= 16, tl.arange a power of two.
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
 def _block(size: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(size))
 
@@ -132,17 +145,18 @@ def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
     g = torch.empty(batch, m, dtype=torch.float32, device=x.device)
     error = torch.empty(batch, dtype=torch.float32, device=x.device)
     iterations = torch.empty(batch, dtype=torch.int32, device=x.device)
-    _sinkhorn_onchip_kernel[(batch,)](
-        x, y, a, b, f, g, error, iterations,
-        n, m, d,
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        float(eps), int(n_iters), float(tol if tol is not None else 0.0),
-        P=p, USE_TOL=tol is not None, CHECK=CHECK_EVERY,
-        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
-        num_warps=_warps_for_tile(_block(n), _block(m)),
-    )
+    with _on_device(x):
+        _sinkhorn_onchip_kernel[(batch,)](
+            x, y, a, b, f, g, error, iterations,
+            n, m, d,
+            x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            float(eps), int(n_iters), float(tol if tol is not None else 0.0),
+            P=p, USE_TOL=tol is not None, CHECK=CHECK_EVERY,
+            BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
+            num_warps=_warps_for_tile(_block(n), _block(m)),
+        )
     return f, g, error, iterations
 
 
@@ -186,7 +200,7 @@ def _geomloss_cost_tile(u_ptr, v_ptr, u_rows, v_rows, d, stride_un, stride_ud, s
     if P == 2:
         return sq / 2.0
     else:
-        return tl.sqrt(tl.maximum(sq, 1e-8))
+        return tl.sqrt_rn(tl.maximum(sq, 1e-8))
 
 
 @triton.jit
@@ -221,18 +235,19 @@ def _samples_loss_onchip_kernel(
     # GeomLoss's sinkhorn_loop: initial soft-mins at eps_0, then symmetric averaged
     # updates at every eps of the schedule (the last extrapolation happens outside).
     eps = tl.load(eps_ptr)
-    f_ba = _softmin_rows(c_xy / eps, b_log, eps)
-    g_ab = _softmin_cols(c_xy / eps, a_log, eps)
+    inv_eps = tl.div_rn(1.0, eps)
+    f_ba = _softmin_rows(c_xy * inv_eps, b_log, eps)
+    g_ab = _softmin_cols(c_xy * inv_eps, a_log, eps)
     if DEBIAS:
         c_xx = _geomloss_cost_tile(x_base, x_base, n, n, d, stride_xn, stride_xd, stride_xn, stride_xd,
                                    P, BLOCK_N, BLOCK_N, BLOCK_D)
         c_yy = _geomloss_cost_tile(y_base, y_base, m, m, d, stride_ym, stride_yd, stride_ym, stride_yd,
                                    P, BLOCK_M, BLOCK_M, BLOCK_D)
-        f_aa = _softmin_rows(c_xx / eps, a_log, eps)
-        g_bb = _softmin_rows(c_yy / eps, b_log, eps)
+        f_aa = _softmin_rows(c_xx * inv_eps, a_log, eps)
+        g_bb = _softmin_rows(c_yy * inv_eps, b_log, eps)
     for k in range(0, n_eps):
         eps = tl.load(eps_ptr + k)
-        inv_eps = 1.0 / eps
+        inv_eps = tl.div_rn(1.0, eps)
         ft_ba = _softmin_rows(c_xy * inv_eps, b_log + g_ab * inv_eps, eps)
         gt_ab = _softmin_cols(c_xy * inv_eps, a_log + f_ba * inv_eps, eps)
         f_ba = 0.5 * (f_ba + ft_ba)
@@ -244,7 +259,7 @@ def _samples_loss_onchip_kernel(
             g_bb = 0.5 * (g_bb + gt_bb)
 
     # GeomLoss's last extrapolation at the final eps, from the potentials above.
-    inv_eps = 1.0 / eps
+    inv_eps = tl.div_rn(1.0, eps)
     f_new = _softmin_rows(c_xy * inv_eps, b_log + g_ab * inv_eps, eps)
     g_new = _softmin_cols(c_xy * inv_eps, a_log + f_ba * inv_eps, eps)
     out = out_ptr + problem * stride_out
@@ -273,16 +288,17 @@ def samples_loss_potentials(x, y, a, b, eps_list, p: int, debias: bool):
     m = y.shape[1]
     schedule = torch.tensor(eps_list, dtype=torch.float32, device=x.device)
     out = torch.empty(batch, 2 * (n + m) * (2 if debias else 1), dtype=torch.float32, device=x.device)
-    _samples_loss_onchip_kernel[(batch,)](
-        x, y, a, b, schedule, out,
-        n, m, d, len(eps_list), out.stride(0),
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        P=p, DEBIAS=bool(debias),
-        BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
-        num_warps=_warps_for_tile(max(_block(n), _block(m)), max(_block(n), _block(m))),
-    )
+    with _on_device(x):
+        _samples_loss_onchip_kernel[(batch,)](
+            x, y, a, b, schedule, out,
+            n, m, d, len(eps_list), out.stride(0),
+            x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            P=p, DEBIAS=bool(debias),
+            BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
+            num_warps=_warps_for_tile(max(_block(n), _block(m)), max(_block(n), _block(m))),
+        )
     return out
 
 
@@ -300,16 +316,17 @@ def _softmin_streamed_kernel(
     Cost tiles are recomputed from the points (``tl.dot`` over feature chunks)
     in every call, so memory stays O((n_u + n_v) d): no n_u x n_v buffer.
     """
-    problem = tl.program_id(0).to(tl.int64)
-    ru = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    # Row blocks on grid axis 0 (up to 2^31 - 1 blocks), problems on axis 1 (65,535).
+    problem = tl.program_id(1).to(tl.int64)
+    ru = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
     u_ok = ru < n_u
     feats = tl.arange(0, BLOCK_D)
     u_norm = tl.load(u_norm_ptr + problem * stride_unb + ru, mask=u_ok, other=0.0)
-    inv_eps = 1.0 / eps
+    inv_eps = tl.div_rn(1.0, eps)
     running_max = tl.full((BLOCK_U,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_U,), dtype=tl.float32)
     for v_start in range(0, n_v, BLOCK_V):
-        rv = v_start + tl.arange(0, BLOCK_V)
+        rv = (v_start + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_ok = rv < n_v
         dots = tl.zeros((BLOCK_U, BLOCK_V), dtype=tl.float32)
         for d_start in range(0, d, BLOCK_D):
@@ -326,7 +343,7 @@ def _softmin_streamed_kernel(
         if P == 2:
             cost = 0.5 * sq
         else:
-            cost = tl.sqrt(sq)
+            cost = tl.sqrt_rn(sq)
         h = tl.load(h_ptr + problem * stride_hb + rv, mask=v_ok, other=float("-inf"))
         z = h[None, :] - cost * inv_eps
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
@@ -345,6 +362,8 @@ class StreamedCost:
     def __init__(self, x, y, p: int, block_points: int = 64, block_features: int = 64):
         from guider_fast.reference.sinkhorn import centered
 
+        _check_block("block_points", block_points)
+        _check_block("block_features", block_features)
         self.x, self.y = (t.float().contiguous() for t in centered(x, y))
         self.x_norm = (self.x * self.x).sum(-1)
         self.y_norm = (self.y * self.y).sum(-1)
@@ -362,16 +381,17 @@ class StreamedCost:
         out = torch.empty(batch, n_u, dtype=torch.float32, device=u.device)
         block_u = min(self.block_points, _block(n_u))
         block_v = min(self.block_points, _block(n_v))
-        grid = (batch, triton.cdiv(n_u, block_u))
-        _softmin_streamed_kernel[grid](
-            u, v, u_norm, v_norm, h, out,
-            n_u, n_v, d,
-            u.stride(0), u.stride(1), u.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            u_norm.stride(0), v_norm.stride(0), h.stride(0), out.stride(0),
-            float(eps),
-            P=self.p, BLOCK_U=block_u, BLOCK_V=block_v,
-            BLOCK_D=min(self.block_features, _block(d)),
-        )
+        grid = (triton.cdiv(n_u, block_u), batch)
+        with _on_device(u):
+            _softmin_streamed_kernel[grid](
+                u, v, u_norm, v_norm, h, out,
+                n_u, n_v, d,
+                u.stride(0), u.stride(1), u.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                u_norm.stride(0), v_norm.stride(0), h.stride(0), out.stride(0),
+                float(eps),
+                P=self.p, BLOCK_U=block_u, BLOCK_V=block_v,
+                BLOCK_D=min(self.block_features, _block(d)),
+            )
         return out
 
 
@@ -417,8 +437,9 @@ def _envelope_rows_kernel(
     of exp(...), so that the cost's rounding here (not bit-identical to the forward
     kernel's, and amplified by 1/eps) cancels instead of entering rowsum * u - w v.
     """
-    problem = tl.program_id(0).to(tl.int64)
-    ru = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
+    # Row blocks on grid axis 0 (up to 2^31 - 1 blocks), problems on axis 1 (65,535).
+    problem = tl.program_id(1).to(tl.int64)
+    ru = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
     u_ok = ru < n_u
     feats = tl.arange(0, BLOCK_D)
     feat_ok = feats < d
@@ -426,12 +447,12 @@ def _envelope_rows_kernel(
                 mask=u_ok[:, None] & feat_ok[None, :], other=0.0)
     u_norm = tl.load(u_norm_ptr + problem * stride_nu + ru, mask=u_ok, other=0.0)
     row_term = tl.load(row_term_ptr + problem * stride_rb + ru, mask=u_ok, other=float("-inf"))
-    inv_eps = 1.0 / eps
+    inv_eps = tl.div_rn(1.0, eps)
     rowsum = tl.zeros((BLOCK_U,), dtype=tl.float32)
     mass = tl.zeros((BLOCK_U,), dtype=tl.float32)
     weighted = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
     for v_start in range(0, n_v, BLOCK_V):
-        rv = v_start + tl.arange(0, BLOCK_V)
+        rv = (v_start + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_ok = rv < n_v
         v = tl.load(v_ptr + problem * stride_vb + rv[:, None] * stride_vn + feats[None, :],
                     mask=v_ok[:, None] & feat_ok[None, :], other=0.0)
@@ -442,13 +463,13 @@ def _envelope_rows_kernel(
             if P == 2:
                 cost = 0.5 * sq
             else:
-                cost = tl.sqrt(tl.maximum(sq, 1e-8))
+                cost = tl.sqrt_rn(tl.maximum(sq, 1e-8))
         else:
             sq = tl.maximum(sq, 0.0)
             if P == 2:
                 cost = 0.5 * sq
             else:
-                cost = tl.sqrt(sq)
+                cost = tl.sqrt_rn(sq)
         weights = tl.exp(row_term[:, None] + col_term[None, :] - cost * inv_eps)
         if NORMALIZE:
             mass += tl.sum(weights, axis=1)
@@ -470,6 +491,7 @@ def _envelope_rows_kernel(
 def weighted_cost_gradient(u, v, row_term, col_term, scale, eps: float, p: int,
                            geomloss_cost: bool = False, normalize: bool = False, block_points: int = 32):
     """(B, n_u, d) gradient of ``_envelope_rows_kernel`` for float32 points u, v."""
+    _check_block("block_points", block_points)
     u, v = u.float().contiguous(), v.float().contiguous()
     u_norm, v_norm = (u * u).sum(-1), (v * v).sum(-1)
     row_term, col_term = row_term.float().contiguous(), col_term.float().contiguous()
@@ -478,16 +500,17 @@ def weighted_cost_gradient(u, v, row_term, col_term, scale, eps: float, p: int,
     n_v = v.shape[1]
     out = torch.empty_like(u)
     block_u = min(block_points, _block(n_u))
-    _envelope_rows_kernel[(batch, triton.cdiv(n_u, block_u))](
-        u, v, u_norm, v_norm, row_term, col_term, scale, out,
-        n_u, n_v, d,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        u_norm.stride(0), v_norm.stride(0), row_term.stride(0), col_term.stride(0), scale.stride(0),
-        out.stride(0), out.stride(1),
-        float(eps),
-        P=p, GEOMLOSS_COST=geomloss_cost, NORMALIZE=normalize,
-        BLOCK_U=block_u, BLOCK_V=min(block_points, _block(n_v)), BLOCK_D=_block(d),
-    )
+    with _on_device(u):
+        _envelope_rows_kernel[(triton.cdiv(n_u, block_u), batch)](
+            u, v, u_norm, v_norm, row_term, col_term, scale, out,
+            n_u, n_v, d,
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            u_norm.stride(0), v_norm.stride(0), row_term.stride(0), col_term.stride(0), scale.stride(0),
+            out.stride(0), out.stride(1),
+            float(eps),
+            P=p, GEOMLOSS_COST=geomloss_cost, NORMALIZE=normalize,
+            BLOCK_U=block_u, BLOCK_V=min(block_points, _block(n_v)), BLOCK_D=_block(d),
+        )
     return out
 
 

@@ -51,7 +51,7 @@ def test_softmin_log_softmax_trick_on_gpu(cuda):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(64, 7, 13, 5), (16, 64, 64, 64), (4, 256, 200, 64),
+@pytest.mark.parametrize("shape", [(8, 1, 1, 16), (64, 7, 13, 5), (16, 64, 64, 64), (4, 256, 200, 64),
                                    (1, 1000, 700, 64), (1, 300, 300, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [1, 2])

@@ -10,10 +10,15 @@ import pytest
 pytest.importorskip("triton")
 
 
+def configs():
+    text = pathlib.Path(__file__).with_name("triton_sm90_compile.py").read_text()
+    return [line for line in text.splitlines() if line.strip().startswith("(kernels._")]
+
+
 def test_kernels_compile_for_h100():
     script = pathlib.Path(__file__).with_name("triton_sm90_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("ok ") == 8, out.stdout
+    assert out.stdout.count("ok ") == len(configs()), out.stdout

@@ -266,6 +266,19 @@ def test_envelope_custom_op_passes_opcheck(gen):
     state = ref.solve_detached(ref.cost_matrix(x, y, 2), a, b, 0.4, 20)
     torch.library.opcheck(torch.ops.guider_fast.sinkhorn_envelope_grad.default,
                           (x, y, a, b, state.f, state.g, 0.4, 2, torch.tensor([1.0, 0.5])))
+    # A transposed (non-contiguous) y: the fake's layout must match the kernel's output.
+    y_strided = y.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(torch.ops.guider_fast.sinkhorn_envelope_grad.default,
+                          (x, y_strided, a, b, state.f, state.g, 0.4, 2, torch.tensor([1.0, 0.5])))
+
+
+def test_streamed_block_sizes_are_checked(gen):
+    from guider_fast.kernels import sinkhorn as kernels
+
+    x, y, a, b = _problem(gen, 1, 5, 6, 3, torch.float32)
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match="block_points must be a power of two >= 16"):
+            kernels.solve_streamed(x, y, a, b, 0.3, 2, 2, None, block_points=bad)
 
 
 @pytest.mark.parametrize("p", [1, 2])

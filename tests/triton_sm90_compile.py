@@ -41,6 +41,12 @@ def signature(fn, constexprs, point_dtype):
 CONFIGS = [
     (kernels._sinkhorn_onchip_kernel, "*fp32",
      dict(P=2, USE_TOL=True, CHECK=10, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64), 4),
+    # Triton specialises integer arguments equal to 1 into constants at launch.
+    (kernels._sinkhorn_onchip_kernel, "*fp32",
+     dict(n=1, m=1, P=2, USE_TOL=False, CHECK=10, BLOCK_N=16, BLOCK_M=16, BLOCK_D=16), 4),
+    (kernels._sinkhorn_onchip_kernel, "*fp32",
+     dict(P=2, USE_TOL=True, CHECK=10, BLOCK_N=256, BLOCK_M=256,
+          BLOCK_D=kernels.feature_block(4096, 256)), 16),
     (kernels._sinkhorn_onchip_kernel, "*bf16",
      dict(P=1, USE_TOL=False, CHECK=10, BLOCK_N=256, BLOCK_M=256,
           BLOCK_D=kernels.feature_block(4096, 256)), 16),
