@@ -5,6 +5,7 @@ Public API
 sinkhorn(x, y, a=None, b=None, *, eps, p=2, n_iters=100, tol=None, grad="envelope", backend="auto")
 SamplesLoss(loss="sinkhorn", p=2, blur=0.05, scaling=0.5, debias=True, backend="auto")
 dbpr_loss(user_emb, item_emb, users, pos_items, neg_items, weights=None, *, reduction="mean", backend="auto")
+dbpr_step(user_table, item_table, users, pos_items, neg_items, weights=None, *, lr, optimizer="sgd", state=None, l2=0.0)
 calibrate(t, v, u_code, t_code, v_code, *, threshold=0.7, distance="geomloss", backend="auto")
 GuiderLoss(text_dim, image_dim, embed_dim=64, feat_embed_dim=64, hash_bits=64, threshold=0.7)
 
@@ -14,19 +15,21 @@ Importing this package never initialises CUDA and does not need triton.
 from ._validate import checks_enabled, set_checks
 from ._version import __version__
 from .calibration import Calibration, calibrate
-from .dbpr import dbpr_loss
+from .dbpr import RowwiseAdagradState, dbpr_loss, dbpr_step
 from .losses import GuiderLoss
 from .ot import SamplesLoss, SinkhornResult, sinkhorn
 
 __all__ = [
     "Calibration",
     "GuiderLoss",
+    "RowwiseAdagradState",
     "SamplesLoss",
     "SinkhornResult",
     "__version__",
     "calibrate",
     "checks_enabled",
     "dbpr_loss",
+    "dbpr_step",
     "set_checks",
     "sinkhorn",
 ]

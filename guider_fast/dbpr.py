@@ -8,9 +8,11 @@ import torch
 
 from . import _dispatch
 from . import _validate as V
+from .reference import dbpr_step as ref_step
 from .reference.dbpr import dbpr_rows
 
 REDUCTIONS = ("mean", "sum", "none")
+OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
 def _dbpr_torch(user_emb, item_emb, users, pos_items, neg_items, weights):
@@ -20,14 +22,17 @@ def _dbpr_torch(user_emb, item_emb, users, pos_items, neg_items, weights):
 _dispatch.register("dbpr", "torch", _dbpr_torch)
 
 
-def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights):
-    for name, table in (("user_emb", user_emb), ("item_emb", item_emb)):
+def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights,
+                table_names=("user_emb", "item_emb")):
+    user_name, item_name = table_names
+    for name, table in ((user_name, user_emb), (item_name, item_emb)):
         V.require_float(name, table)
         V.require_rank(name, table, (2,), "embedding table (rows, D)")
     if item_emb.dtype != user_emb.dtype:
-        raise TypeError(f"item_emb must have the dtype of user_emb ({user_emb.dtype}), got {item_emb.dtype}")
+        raise TypeError(f"{item_name} must have the dtype of {user_name} ({user_emb.dtype}), "
+                        f"got {item_emb.dtype}")
     if user_emb.shape[1] != item_emb.shape[1]:
-        raise ValueError(f"user_emb and item_emb must have the same embedding size D, "
+        raise ValueError(f"{user_name} and {item_name} must have the same embedding size D, "
                          f"got {user_emb.shape[1]} and {item_emb.shape[1]}")
     for name, idx in (("users", users), ("pos_items", pos_items), ("neg_items", neg_items)):
         V.require_index(name, idx)
@@ -43,7 +48,7 @@ def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights):
     if weights is not None:
         V.require_float("weights", weights)
         V.require_shape("weights", weights, (batch,), "one weight per triplet")
-    V.require_same_device([("user_emb", user_emb), ("item_emb", item_emb), ("users", users),
+    V.require_same_device([(user_name, user_emb), (item_name, item_emb), ("users", users),
                            ("pos_items", pos_items), ("neg_items", neg_items), ("weights", weights)])
     if V.checks_enabled():
         checks = V.ValueChecks()
@@ -91,3 +96,76 @@ def _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights, re
     if reduction == "sum":
         return rows.sum()
     return rows
+
+
+class RowwiseAdagradState:
+    """Row-wise Adagrad accumulators for ``dbpr_step`` (one float32 sum per table row).
+
+    Create once per pair of tables and pass to every step; ``dbpr_step`` updates it
+    in place, for the rows of each batch only.
+    """
+
+    def __init__(self, user_table: torch.Tensor, item_table: torch.Tensor):
+        self.user = torch.zeros(user_table.shape[0], dtype=torch.float32, device=user_table.device)
+        self.item = torch.zeros(item_table.shape[0], dtype=torch.float32, device=item_table.device)
+
+
+def _dbpr_step_torch(user_table, item_table, users, pos_items, neg_items, weights, lr, optimizer,
+                     state, l2, reduction):
+    user_acc = item_acc = None
+    if state is not None:
+        user_acc, item_acc = state.user, state.item
+    return ref_step.dbpr_step(user_table, item_table, users, pos_items, neg_items, weights, lr,
+                              optimizer, user_acc, item_acc, l2, reduction)
+
+
+_dispatch.register("dbpr_step", "torch", _dbpr_step_torch)
+
+
+def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Tensor,
+              pos_items: torch.Tensor, neg_items: torch.Tensor,
+              weights: Optional[torch.Tensor] = None, *, lr: float, optimizer: str = "sgd",
+              state: Optional[RowwiseAdagradState] = None, l2: float = 0.0,
+              reduction: str = "mean", return_scores: bool = False, backend: str = "auto"):
+    """One fused DBPR training step on the embedding tables, in place.
+
+    Forward, backward and the optimizer update in one call that reads and writes
+    only the rows of the batch (no dense gradient tables: the point for catalogues
+    of millions of items).  Same loss as ``dbpr_loss`` (``reduction`` "mean" or
+    "sum"), plus ``(l2/2)(|u|^2 + |p|^2 + sum_k |n_k|^2)`` per triplet.
+
+    optimizer : "sgd" (``row -= lr * grad``) or "rowwise_adagrad" (FBGEMM-style:
+        ``acc_r += mean(grad_r^2)``, ``row -= lr * grad_r / (sqrt(acc_r) + 1e-10)``),
+        which needs ``state=RowwiseAdagradState(user_table, item_table)``.
+
+    Duplicate indices: the gradients of every occurrence of a row are summed,
+    then applied once (as dense autograd followed by the optimizer); on CPU the
+    summation order is fixed, so steps are deterministic.  Tables may be float32,
+    float64 or bfloat16/float16 storage (float32 math).  ``weights`` act as
+    constants.  Returns the loss (and the (B, K) score margins when
+    ``return_scores``), computed before the update.
+    """
+    V.require_choice("optimizer", optimizer, OPTIMIZERS)
+    V.require_choice("reduction", reduction, ("mean", "sum"))
+    V.require_positive("lr", lr)
+    V.require_real("l2", l2)
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}")
+    _check_dbpr(user_table, item_table, users, pos_items, neg_items, weights,
+                table_names=("user_table", "item_table"))
+    if optimizer == "rowwise_adagrad":
+        if not isinstance(state, RowwiseAdagradState):
+            raise ValueError("optimizer='rowwise_adagrad' needs state=RowwiseAdagradState(user_table, "
+                             "item_table), created once and passed to every step")
+        if state.user.shape != (user_table.shape[0],) or state.item.shape != (item_table.shape[0],):
+            raise ValueError(f"state holds {state.user.shape[0]} user and {state.item.shape[0]} item rows, "
+                             f"but the tables have {user_table.shape[0]} and {item_table.shape[0]}")
+        V.require_same_device([("user_table", user_table), ("state.user", state.user),
+                               ("state.item", state.item)])
+    elif state is not None:
+        raise ValueError("state is only used by optimizer='rowwise_adagrad'")
+    _, impl = _dispatch.resolve("dbpr_step", backend, user_table.device, user_table.dtype)
+    negatives = neg_items.unsqueeze(1) if neg_items.dim() == 1 else neg_items
+    loss, margins = impl(user_table, item_table, users.long(), pos_items.long(), negatives.long(),
+                         weights, float(lr), optimizer, state, float(l2), reduction)
+    return (loss, margins) if return_scores else loss

@@ -22,6 +22,31 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def gather_and_score(user_table, item_table, users, pos_items, neg_items):
+    """Rows u (B, D), p (B, D), n (B, K, D) in compute precision and margins (B, K)."""
+    batch, k = neg_items.shape
+    u = _compute(user_table.index_select(0, users))
+    p = _compute(item_table.index_select(0, pos_items))
+    n = _compute(item_table.index_select(0, neg_items.reshape(-1))).view(batch, k, -1)
+    # einsum reduces without a (B, D) temporary: large temporaries cost more
+    # in page faults than in arithmetic here.
+    margin = torch.einsum("bd,bd->b", u, p).unsqueeze(1) - torch.einsum("bkd,bd->bk", n, u)
+    return u, p, n, margin
+
+
+def scaled_sigmoid(margin, coef):
+    """``c_b * s_bk`` with ``s = sigmoid(-margin)``, ``c_b = coef_b / K``, and its row sums."""
+    s = torch.sigmoid(-margin).mul_((coef / margin.shape[1]).unsqueeze(1))
+    return s, s.sum(1, keepdim=True)
+
+
+def user_row_gradients(p, n, s, s_total):
+    """dL/du_b = -(S_b p_b - sum_k s_bk n_bk) for the scaled sigmoids s."""
+    if n.shape[1] == 1:
+        return (n[:, 0] - p).mul_(s)
+    return (n * s.unsqueeze(2)).sum(1).sub_(s_total * p)
+
+
 class DBPRRows(torch.autograd.Function):
     """Per-triplet DBPR terms (B,) from full tables; weights may be None.
 
@@ -31,14 +56,7 @@ class DBPRRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights):
-        batch, k = neg_items.shape
-        u = _compute(user_emb.index_select(0, users))
-        p = _compute(item_emb.index_select(0, pos_items))
-        n = _compute(item_emb.index_select(0, neg_items.reshape(-1))).view(batch, k, -1)
-        # einsum reduces without a (B, D) temporary: large temporaries cost more
-        # in page faults than in arithmetic here.
-        margin = (torch.einsum("bd,bd->b", u, p).unsqueeze(1)
-                  - torch.einsum("bkd,bd->bk", n, u))
+        u, p, n, margin = gather_and_score(user_emb, item_emb, users, pos_items, neg_items)
         log_sig = F.logsigmoid(margin).mean(1)
         w = None if weights is None else _compute(weights)
         rows = -log_sig if w is None else -w * log_sig
@@ -57,14 +75,10 @@ class DBPRRows(torch.autograd.Function):
         dim = u.shape[1]
         grad_rows = _compute(grad_rows).to(u.dtype)
         coef = grad_rows if weights is None else grad_rows * _compute(weights)
-        s = torch.sigmoid(-margin).mul_((coef / k).unsqueeze(1))  # c_b * s_bk
-        s_total = s.sum(1, keepdim=True)
+        s, s_total = scaled_sigmoid(margin, coef)
         grad_user = grad_item = grad_weights = None
         if ctx.needs_input_grad[0]:
-            if k == 1:
-                d_u = (n[:, 0] - p).mul_(s)
-            else:
-                d_u = (n * s.unsqueeze(2)).sum(1).sub_(s_total * p)
+            d_u = user_row_gradients(p, n, s, s_total)
             grad_user = torch.zeros(user_shape, dtype=u.dtype, device=u.device)
             grad_user.index_add_(0, users, d_u)
             grad_user = grad_user.to(table_dtype)
