@@ -102,9 +102,13 @@ class GuiderLoss(nn.Module):
             t, v, t_code, v_code = self._project(text_feat[start:start + chunk_size],
                                                  image_feat[start:start + chunk_size])
             distances.append(ref_calibration.modality_distance(t, v, self.distance))
-            t_codes.append(torch.sign(t_code).to(torch.int8))
-            v_codes.append(torch.sign(v_code).to(torch.int8))
-        self._item_cache = (torch.cat(distances), torch.cat(t_codes), torch.cat(v_codes))
+            t_codes.append(ref_calibration.pack_sign_codes(t_code))
+            v_codes.append(ref_calibration.pack_sign_codes(v_code))
+        # Ternary codes packed as (sign bits, nonzero mask) int64 words: 16 bytes per item
+        # and modality for 64 bits; similarities are exact popcounts.
+        self._item_cache = (torch.cat(distances),
+                            tuple(torch.cat(part) for part in zip(*t_codes)),
+                            tuple(torch.cat(part) for part in zip(*v_codes)))
         self._cache_versions = self._cache_key()
 
     def clear_item_cache(self) -> None:
@@ -138,9 +142,13 @@ class GuiderLoss(nn.Module):
                                      f"{item_emb.shape[0]} rows")
                 pos = pos_items.long()
                 d = item_distance.index_select(0, pos)
-                weights, clean, normalized = ref_calibration.weights_from_distance(
-                    d, u_code, item_t_code.index_select(0, pos), item_v_code.index_select(0, pos),
-                    self.threshold)
+                bits = u_code.shape[1]
+                user_words = ref_calibration.pack_sign_codes(u_code)
+                sims = [ref_calibration.packed_sign_similarity(
+                            *user_words, *(words.index_select(0, pos) for words in item_words), bits)
+                        for item_words in (item_t_code, item_v_code)]
+                weights, clean, normalized = ref_calibration.weights_from_similarities(
+                    d, sims[0], sims[1], self.threshold)
                 calibration = Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)
             else:
                 if text_feat is None or image_feat is None:

@@ -202,3 +202,17 @@ def test_stale_item_cache_is_detected(gen):
     with pytest.raises(ValueError, match="text_feat"):
         loss_fn(user, item, users, pos, neg)
     assert loss_fn(user, item, users, pos, neg, text, image).requires_grad
+
+
+@pytest.mark.parametrize("bits", [1, 63, 64, 65, 130])
+def test_packed_ternary_codes_give_the_exact_similarity(gen, bits):
+    from guider_fast.reference import calibration as ref
+
+    a = torch.randn(41, bits, generator=gen)
+    b = torch.randn(41, bits, generator=gen)
+    a[:, ::5] = 0.0  # sign(0) = 0: ternary codes
+    b[::3, 1::4] = 0.0
+    packed_a, packed_b = ref.pack_sign_codes(a), ref.pack_sign_codes(b)
+    assert packed_a[0].dtype == torch.int64 and packed_a[0].shape == (41, (bits + 63) // 64)
+    got = ref.packed_sign_similarity(*packed_a, *packed_b, bits)
+    torch.testing.assert_close(got, ref.sign_similarity(a, b), rtol=0, atol=0)

@@ -64,14 +64,19 @@ def calibration_weights(clean: torch.Tensor, sim_text: torch.Tensor, sim_image: 
     return torch.where(clean, w, torch.ones_like(w))
 
 
-def weights_from_distance(d, u_code, t_code, v_code, threshold: float):
-    """Steps 2-6 of AMSC from per-row distances d (B,): (weights, clean, normalized)."""
+def weights_from_similarities(d, sim_text, sim_image, threshold: float):
+    """Steps 2-3 and 6 of AMSC from distances d (B,) and code similarities: (weights, clean, normalized)."""
     d = _compute(d)
     normalized = minmax_normalize(d)
     clean = normalized < threshold
-    weights = calibration_weights(clean, sign_similarity(u_code, t_code).to(d.dtype),
-                                  sign_similarity(u_code, v_code).to(d.dtype))
+    weights = calibration_weights(clean, sim_text.to(d.dtype), sim_image.to(d.dtype))
     return weights, clean, normalized
+
+
+def weights_from_distance(d, u_code, t_code, v_code, threshold: float):
+    """Steps 2-6 of AMSC from per-row distances d (B,): (weights, clean, normalized)."""
+    return weights_from_similarities(d, sign_similarity(u_code, t_code),
+                                     sign_similarity(u_code, v_code), threshold)
 
 
 def calibrate(t, v, u_code, t_code, v_code, threshold: float, distance: str):
@@ -80,3 +85,40 @@ def calibrate(t, v, u_code, t_code, v_code, threshold: float, distance: str):
         d = modality_distance(t, v, distance)
         weights, clean, normalized = weights_from_distance(d, u_code, t_code, v_code, threshold)
     return weights, clean, d, normalized
+
+
+# ---------------------------------------------------------------- packed ternary codes
+
+_POPCOUNT_BYTE = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int16)
+
+
+def pack_sign_codes(codes: torch.Tensor):
+    """Ternary sign codes (B, bits) packed into 64-bit words: (sign bits, nonzero mask).
+
+    Bit j of word j // 64 holds ``code_j < 0`` in the first tensor and ``code_j != 0``
+    in the second (sign(0) = 0 has no sign), so (B, bits) floats become
+    2 * ceil(bits / 64) int64 words per row; padding bits are zero in both.
+    """
+    rows, bits = codes.shape
+    words = (bits + 63) // 64
+    padded = torch.zeros(rows, words * 64, dtype=codes.dtype, device=codes.device)
+    padded[:, :bits] = codes
+    weights = torch.ones(64, dtype=torch.int64, device=codes.device) << torch.arange(
+        64, dtype=torch.int64, device=codes.device)
+    negative = (padded < 0).view(rows, words, 64).to(torch.int64)
+    nonzero = (padded != 0).view(rows, words, 64).to(torch.int64)
+    # Bit 63 overflows into the sign of the int64 word; the bit pattern is what counts.
+    return (negative * weights).sum(-1), (nonzero * weights).sum(-1)
+
+
+def _popcount(words: torch.Tensor) -> torch.Tensor:
+    table = _POPCOUNT_BYTE.to(words.device)
+    return table[words.contiguous().view(torch.uint8).long()].view(*words.shape, 8).sum((-1, -2))
+
+
+def packed_sign_similarity(sign_a, nonzero_a, sign_b, nonzero_b, bits: int) -> torch.Tensor:
+    """``(sign(a) . sign(b)) / bits`` from packed codes: (agreeing - disagreeing) bits."""
+    both = nonzero_a & nonzero_b
+    differ = (sign_a ^ sign_b) & both
+    agree = both & ~differ
+    return (_popcount(agree) - _popcount(differ)).to(torch.float32) / bits
