@@ -25,6 +25,29 @@ from guider_fast.reference.sinkhorn import CHECK_EVERY
 
 
 @triton.jit
+def _softmin_rows(scaled_cost, h, eps):
+    """-eps * logsumexp_j(h_j - C_ij/eps) for every row i of a (rows, cols) tile."""
+    z = h[None, :] - scaled_cost
+    z_max = tl.max(z, axis=1)
+    return -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[:, None]), axis=1)))
+
+
+@triton.jit
+def _softmin_cols(scaled_cost, h, eps):
+    """-eps * logsumexp_i(h_i - C_ij/eps) for every column j of a (rows, cols) tile."""
+    z = h[:, None] - scaled_cost
+    z_max = tl.max(z, axis=0)
+    return -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0)))
+
+
+@triton.jit
+def _row_marginal_error(f_before, f_after, a, row_ok, inv_eps):
+    """L1 row-marginal error of the plan on (f_before, g), given f_after = the next f-update."""
+    ratio = tl.exp(tl.minimum((f_before - f_after) * inv_eps, 80.0))
+    return tl.sum(tl.where(row_ok, tl.abs(a * (ratio - 1.0)), 0.0), axis=0)
+
+
+@triton.jit
 def _sinkhorn_onchip_kernel(
     x_ptr, y_ptr, a_ptr, b_ptr, f_ptr, g_ptr, err_ptr, iters_ptr,
     n, m, d,
@@ -81,28 +104,20 @@ def _sinkhorn_onchip_kernel(
     it = 0
     done = 0
     while (it < n_iters) & (done == 0):
-        z = (log_b + g * inv_eps)[None, :] - scaled_cost
-        z_max = tl.max(z, axis=1)
-        f_new = -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[:, None]), axis=1)))
+        f_new = _softmin_rows(scaled_cost, log_b + g * inv_eps, eps)
         if USE_TOL:
             if (it > 0) & (it % CHECK == 0):
-                ratio = tl.exp(tl.minimum((f - f_new) * inv_eps, 80.0))
-                error = tl.sum(tl.where(row_ok, tl.abs(a * (ratio - 1.0)), 0.0), axis=0)
+                error = _row_marginal_error(f, f_new, a, row_ok, inv_eps)
                 if error <= tol:
                     done = 1
         if done == 0:
             f = f_new
-            z = (log_a + f * inv_eps)[:, None] - scaled_cost
-            z_max = tl.max(z, axis=0)
-            g = -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0)))
+            g = _softmin_cols(scaled_cost, log_a + f * inv_eps, eps)
             it += 1
     if done == 0:
         # Error of the returned plan, from one more f-update (not applied).
-        z = (log_b + g * inv_eps)[None, :] - scaled_cost
-        z_max = tl.max(z, axis=1)
-        f_next = -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[:, None]), axis=1)))
-        ratio = tl.exp(tl.minimum((f - f_next) * inv_eps, 80.0))
-        error = tl.sum(tl.where(row_ok, tl.abs(a * (ratio - 1.0)), 0.0), axis=0)
+        f_next = _softmin_rows(scaled_cost, log_b + g * inv_eps, eps)
+        error = _row_marginal_error(f, f_next, a, row_ok, inv_eps)
 
     tl.store(f_ptr + problem * n + rows, f, mask=row_ok)
     tl.store(g_ptr + problem * m + cols, g, mask=col_ok)
@@ -158,22 +173,6 @@ def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
             num_warps=_warps_for_tile(_block(n), _block(m)),
         )
     return f, g, error, iterations
-
-
-@triton.jit
-def _softmin_rows(scaled_cost, h, eps):
-    """-eps * logsumexp_j(h_j - C_ij/eps) for every row i of a (rows, cols) tile."""
-    z = h[None, :] - scaled_cost
-    z_max = tl.max(z, axis=1)
-    return -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[:, None]), axis=1)))
-
-
-@triton.jit
-def _softmin_cols(scaled_cost, h, eps):
-    """-eps * logsumexp_i(h_i - C_ij/eps) for every column j of a (rows, cols) tile."""
-    z = h[:, None] - scaled_cost
-    z_max = tl.max(z, axis=0)
-    return -eps * (z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0)))
 
 
 @triton.jit

@@ -41,11 +41,13 @@ def centered(x: torch.Tensor, y: torch.Tensor):
     return x - center, y - center
 
 
-def _squared_distances_into(out, x, y):
-    """Write centred |x_i - y_j|^2 into ``out`` without (B, n, m) temporaries."""
+def _centred_squared_distances(x, y, out=None):
+    """Centred |x_i - y_j|^2 clamped at 0; written into ``out`` (no autograd) when given."""
     x, y = centered(x, y)
-    torch.add((x * x).sum(-1).unsqueeze(2), (y * y).sum(-1).unsqueeze(1), out=out)
-    return out.baddbmm_(x, y.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
+    norms = torch.add((x * x).sum(-1).unsqueeze(2), (y * y).sum(-1).unsqueeze(1), out=out)
+    if out is None:
+        return torch.baddbmm(norms, x, y.transpose(1, 2), alpha=-2.0).clamp_min(0.0)
+    return norms.baddbmm_(x, y.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
 
 
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,17 +58,14 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     more memory than the cost itself plus a quarter.
     """
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        xc, yc = centered(x, y)
-        sq = torch.baddbmm((xc * xc).sum(-1).unsqueeze(2) + (yc * yc).sum(-1).unsqueeze(1),
-                           xc, yc.transpose(1, 2), alpha=-2.0)
-        return sq.clamp_min(0.0)
+        return _centred_squared_distances(x, y)
     batch, n, d = x.shape
     m = y.shape[1]
     out = torch.empty(batch, n, m, dtype=x.dtype, device=x.device)
     chunk = max(1, (n * m) * batch // (4 * (n + m) * d))
     for start in range(0, batch, chunk):
         stop = start + chunk
-        _squared_distances_into(out[start:stop], x[start:stop], y[start:stop])
+        _centred_squared_distances(x[start:stop], y[start:stop], out=out[start:stop])
     return out
 
 
