@@ -92,3 +92,71 @@ def weighted_cost_gradient(u: Tensor, v: Tensor, row_term: Tensor, col_term: Ten
 @weighted_cost_gradient.register_fake
 def _weighted_cost_gradient_fake(u, v, row_term, col_term, scale, eps, p, geomloss_cost, normalize):
     return u.new_empty(u.shape, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------- DBPR
+
+@torch.library.custom_op("guider_fast::dbpr_forward", mutates_args=())
+def dbpr_forward(user_table: Tensor, item_table: Tensor, users: Tensor, pos_items: Tensor,
+                 neg_items: Tensor, weights: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Triton gather-and-score: per-triplet terms (B,), score coefficients G (B, K+1) and
+    mean logsigmoids (B,)."""
+    from .kernels import dbpr as kernels
+
+    rows, coef, log_sig, _ = kernels.forward(user_table, item_table, users.contiguous(),
+                                             pos_items.contiguous(), neg_items, weights)
+    return rows, coef, log_sig
+
+
+@dbpr_forward.register_fake
+def _dbpr_forward_fake(user_table, item_table, users, pos_items, neg_items, weights):
+    batch, k_neg = neg_items.shape
+    return (users.new_empty(batch, dtype=torch.float32),
+            users.new_empty(batch, k_neg + 1, dtype=torch.float32),
+            users.new_empty(batch, dtype=torch.float32))
+
+
+@torch.library.custom_op("guider_fast::dbpr_backward", mutates_args=())
+def dbpr_backward(user_table: Tensor, item_table: Tensor, users: Tensor, pos_items: Tensor,
+                  neg_items: Tensor, coef: Tensor, grad_rows: Tensor,
+                  mode: str) -> Tuple[Tensor, Tensor]:
+    """Triton DBPR backward: float32 table gradients (mode "atomic" or "deterministic"), or
+    per-occurrence gradient rows (mode "sparse")."""
+    from .kernels import dbpr as kernels
+
+    return kernels.backward(user_table, item_table, users.contiguous(), pos_items.contiguous(),
+                            neg_items, coef, grad_rows, mode)
+
+
+@dbpr_backward.register_fake
+def _dbpr_backward_fake(user_table, item_table, users, pos_items, neg_items, coef, grad_rows, mode):
+    dim = user_table.shape[1]
+    if mode == "sparse":
+        return (user_table.new_empty(users.shape[0], dim, dtype=torch.float32),
+                user_table.new_empty(neg_items.numel() + pos_items.shape[0], dim,
+                                     dtype=torch.float32))
+    return (user_table.new_empty(user_table.shape, dtype=torch.float32),
+            item_table.new_empty(item_table.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("guider_fast::dbpr_fused_step",
+                         mutates_args=("user_table", "item_table", "user_accumulator",
+                                       "item_accumulator"))
+def dbpr_fused_step(user_table: Tensor, item_table: Tensor, users: Tensor, pos_items: Tensor,
+                    neg_items: Tensor, weights: Optional[Tensor], user_accumulator: Optional[Tensor],
+                    item_accumulator: Optional[Tensor], lr: float, l2: float,
+                    scale: float) -> Tuple[Tensor, Tensor]:
+    """Triton fused DBPR step, in place on the tables (and Adagrad accumulators when given):
+    per-triplet terms (B,) and margins (B, K)."""
+    from .kernels import dbpr as kernels
+
+    return kernels.fused_step(user_table, item_table, users.contiguous(), pos_items.contiguous(),
+                              neg_items, weights, user_accumulator, item_accumulator, lr, l2, scale)
+
+
+@dbpr_fused_step.register_fake
+def _dbpr_fused_step_fake(user_table, item_table, users, pos_items, neg_items, weights,
+                          user_accumulator, item_accumulator, lr, l2, scale):
+    batch, k_neg = neg_items.shape
+    return (users.new_empty(batch, dtype=torch.float32),
+            users.new_empty(batch, k_neg, dtype=torch.float32))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _library
 from . import _validate as V
 from .reference import dbpr_step as ref_step
 from .reference.dbpr import dbpr_rows
@@ -15,11 +15,56 @@ REDUCTIONS = ("mean", "sum", "none")
 OPTIMIZERS = ("sgd", "rowwise_adagrad")
 
 
-def _dbpr_torch(user_emb, item_emb, users, pos_items, neg_items, weights):
-    return dbpr_rows(user_emb, item_emb, users, pos_items, neg_items, weights)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dbpr_torch(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout):
+    return dbpr_rows(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout)
+
+
+class _TritonDBPR(torch.autograd.Function):
+    """Triton forward (scores once, keeps only the (B, K+1) score coefficients) and backward
+    (atomic scatter, sorted segment sums, or per-occurrence sparse rows)."""
+
+    @staticmethod
+    def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout):
+        rows, coef, log_sig = _library.dbpr_forward(user_emb, item_emb, users, pos_items,
+                                                    neg_items, weights)
+        ctx.save_for_backward(user_emb, item_emb, users, pos_items, neg_items, coef, log_sig, weights)
+        ctx.grad_layout = grad_layout
+        return rows.to(user_emb.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        user_emb, item_emb, users, pos_items, neg_items, coef, log_sig, weights = ctx.saved_tensors
+        grad_user = grad_item = grad_weights = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            mode = {"dense": "atomic", "deterministic": "deterministic",
+                    "sparse": "sparse"}[ctx.grad_layout]
+            # The coefficients already hold the weights.
+            d_user, d_item = _library.dbpr_backward(user_emb, item_emb, users, pos_items, neg_items,
+                                                    coef, grad_rows, mode)
+            if mode == "sparse":
+                # Indices were range-checked on entry: skip the invariant scan.
+                d_user = torch.sparse_coo_tensor(users.unsqueeze(0), d_user.to(user_emb.dtype),
+                                                 user_emb.shape, check_invariants=False)
+                d_item = torch.sparse_coo_tensor(
+                    torch.cat([pos_items, neg_items.reshape(-1)]).unsqueeze(0),
+                    d_item.to(item_emb.dtype), item_emb.shape, check_invariants=False)
+            grad_user = d_user.to(user_emb.dtype) if ctx.needs_input_grad[0] else None
+            grad_item = d_item.to(item_emb.dtype) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[5]:
+            grad_weights = (-grad_rows.float() * log_sig).to(weights.dtype)
+        return grad_user, grad_item, None, None, None, grad_weights, None
+
+
+def _dbpr_triton(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout):
+    return _TritonDBPR.apply(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout)
 
 
 _dispatch.register("dbpr", "torch", _dbpr_torch)
+_dispatch.register("dbpr", "triton", _dbpr_triton, dtypes=TRITON_DTYPES)
 
 
 def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights,
@@ -62,7 +107,8 @@ def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights,
 def dbpr_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
               pos_items: torch.Tensor, neg_items: torch.Tensor,
               weights: Optional[torch.Tensor] = None, *, reduction: str = "mean",
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", deterministic: Optional[bool] = None,
+              sparse_grad: bool = False) -> torch.Tensor:
     """DBPR: ``-(1/B) sum_b w_b * mean_k logsigmoid(<u_b, p_b> - <u_b, n_bk>)``.
 
     Parameters
@@ -73,24 +119,50 @@ def dbpr_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tenso
     weights : (B,) per-triplet weights (GUIDER's calibration weights) or None (= 1).
     reduction : "mean" (default, divides by B), "sum", or "none" (per-triplet (B,)).
 
-    Gradients reach ``user_emb`` and ``item_emb`` (scatter-added, duplicate
-    indices accumulate) and ``weights`` if it requires grad.  Like autograd, it
-    keeps the gathered (B, K+2, D) rows for backward.
+    backend : "auto" | "torch" | "triton" (see ``guider_fast._dispatch``).
+    deterministic : how duplicate rows' gradients are summed.  None (default)
+        follows ``torch.are_deterministic_algorithms_enabled()``.  True: sorted
+        segment sums, bit-identical from run to run.  False: the fastest way,
+        which on a GPU is atomic adds in a varying order.  On CPU, both are
+        deterministic.
+    sparse_grad : if True, the table gradients are uncoalesced sparse COO tensors
+        with one row per occurrence, as ``nn.Embedding(sparse=True)`` gives: use
+        them with ``torch.optim.SparseAdam`` / ``SGD``, and no dense
+        (rows, D) gradient is ever allocated.
+
+    Gradients reach ``user_emb`` and ``item_emb`` (duplicate indices accumulate)
+    and ``weights`` if it requires grad.  The torch backend keeps the gathered
+    (B, K+2, D) rows for backward, like autograd does.  The Triton backend keeps
+    only the (B, K+1) score coefficients and reads the rows again.
 
     Value checks cover the indices (range) and ``weights`` (finite); the tables
     are not scanned for NaN/Inf, which would read every row each step: a
     non-finite gathered row shows up as a non-finite loss.
     """
     V.require_choice("reduction", reduction, REDUCTIONS)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None, True or False, got {deterministic!r}")
+    if not isinstance(sparse_grad, bool):
+        raise TypeError(f"sparse_grad must be True or False, got {sparse_grad!r}")
     _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights)
     return _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights,
-                           reduction, backend)
+                           reduction, backend, deterministic, sparse_grad)
 
 
-def _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights, reduction, backend):
+def _grad_layout(deterministic: Optional[bool], sparse_grad: bool) -> str:
+    if sparse_grad:
+        return "sparse"
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return "deterministic" if deterministic else "dense"
+
+
+def _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights, reduction, backend,
+                    deterministic=None, sparse_grad=False):
     _, impl = _dispatch.resolve("dbpr", backend, user_emb.device, user_emb.dtype)
     negatives = neg_items.unsqueeze(1) if neg_items.dim() == 1 else neg_items
-    rows = impl(user_emb, item_emb, users.long(), pos_items.long(), negatives.long(), weights)
+    rows = impl(user_emb, item_emb, users.long(), pos_items.long(), negatives.long(), weights,
+                _grad_layout(deterministic, sparse_grad))
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":
@@ -119,7 +191,19 @@ def _dbpr_step_torch(user_table, item_table, users, pos_items, neg_items, weight
                               optimizer, user_acc, item_acc, l2, reduction)
 
 
+def _dbpr_step_triton(user_table, item_table, users, pos_items, neg_items, weights, lr, optimizer,
+                      state, l2, reduction):
+    user_acc = item_acc = None
+    if optimizer == "rowwise_adagrad":
+        user_acc, item_acc = state.user, state.item
+    scale = 1.0 / users.shape[0] if reduction == "mean" else 1.0
+    rows, margins = _library.dbpr_fused_step(user_table, item_table, users, pos_items, neg_items,
+                                             weights, user_acc, item_acc, lr, l2, scale)
+    return rows.sum() * scale, margins
+
+
 _dispatch.register("dbpr_step", "torch", _dbpr_step_torch)
+_dispatch.register("dbpr_step", "triton", _dbpr_step_triton, dtypes=TRITON_DTYPES)
 
 
 def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Tensor,
@@ -139,11 +223,16 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
         which needs ``state=RowwiseAdagradState(user_table, item_table)``.
 
     Duplicate indices: the gradients of every occurrence of a row are summed,
-    then applied once (as dense autograd followed by the optimizer); on CPU the
-    summation order is fixed, so steps are deterministic.  Tables may be float32,
-    float64 or bfloat16/float16 storage (float32 math).  ``weights`` act as
-    constants.  Returns the loss (and the (B, K) score margins when
-    ``return_scores``), computed before the update.
+    then applied once, as dense autograd followed by the optimizer would.  Every
+    row of the batch is read before any is written.  The summation order is
+    fixed, so steps are bit-identical from run to run, on CPU and GPU.  The
+    Triton backend sorts the batch's user and item indices (a stable
+    ``torch.sort``) and sums each run of equal rows in sorted order; no atomics.
+
+    Tables may be float32, float64 (torch backend) or bfloat16/float16 storage
+    (float32 math, rounded once on write-back).  ``weights`` act as constants.
+    Returns the loss (and the (B, K) score margins when ``return_scores``),
+    computed before the update.  backend: "auto" | "torch" | "triton".
     """
     V.require_choice("optimizer", optimizer, OPTIMIZERS)
     V.require_choice("reduction", reduction, ("mean", "sum"))

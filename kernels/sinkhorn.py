@@ -15,13 +15,14 @@ This module imports triton; ``guider_fast`` imports it only when the "triton"
 backend is used.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from guider_fast.reference.sinkhorn import CHECK_EVERY
+
+from ._launch import block_size as _block
+from ._launch import on_device as _on_device
 
 
 @triton.jit
@@ -125,19 +126,10 @@ def _sinkhorn_onchip_kernel(
     tl.store(iters_ptr + problem, it)
 
 
-def _on_device(t):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check_block(name: str, value: int) -> None:
     # tl.dot needs every dimension >= 16, tl.arange a power of two.
     if value < 16 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-
-
-def _block(size: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(size))
 
 
 def feature_block(d: int, tile_rows: int) -> int:

@@ -8,8 +8,9 @@ scores ``x_bk = <u_b, p_b> - <u_b, n_bk>`` and returns per-triplet terms
     dL/dp_b  = -c_b S_b u_b
     dL/dn_bk = +c_b s_bk u_b,                      c_b = grad_b * w_b / K
 
-scatter-added into dense gradient tables (duplicate indices accumulate); the
-positive and negative item rows go through a single ``index_add_``.
+scatter-added into dense gradient tables (duplicate indices accumulate) or
+returned as sparse COO rows; the positive and negative item rows go through a
+single scatter.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class DBPRRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights):
+    def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout="dense"):
         u, p, n, margin = gather_and_score(user_emb, item_emb, users, pos_items, neg_items)
         log_sig = F.logsigmoid(margin).mean(1)
         w = None if weights is None else _compute(weights)
@@ -64,6 +65,7 @@ class DBPRRows(torch.autograd.Function):
         # than gathering again in backward.
         ctx.save_for_backward(u, p, n, margin, log_sig, users, pos_items, neg_items, weights)
         ctx.table_meta = (user_emb.shape, item_emb.shape, user_emb.dtype)
+        ctx.grad_layout = grad_layout
         return rows.to(user_emb.dtype)
 
     @staticmethod
@@ -72,35 +74,47 @@ class DBPRRows(torch.autograd.Function):
         u, p, n, margin, log_sig, users, pos_items, neg_items, weights = ctx.saved_tensors
         user_shape, item_shape, table_dtype = ctx.table_meta
         batch, k = margin.shape
-        dim = u.shape[1]
         grad_rows = _compute(grad_rows).to(u.dtype)
         coef = grad_rows if weights is None else grad_rows * _compute(weights)
         s, s_total = scaled_sigmoid(margin, coef)
         grad_user = grad_item = grad_weights = None
         if ctx.needs_input_grad[0]:
             d_u = user_row_gradients(p, n, s, s_total)
-            grad_user = torch.zeros(user_shape, dtype=u.dtype, device=u.device)
-            grad_user.index_add_(0, users, d_u)
-            grad_user = grad_user.to(table_dtype)
+            grad_user = scatter_rows(user_shape, users, d_u, ctx.grad_layout).to(table_dtype)
         if ctx.needs_input_grad[1]:
-            grad_item = torch.zeros(item_shape, dtype=u.dtype, device=u.device)
-            if k == 1:
-                # dL/dn = c s u = -dL/dp: one (B, D) product feeds both scatters.
-                scaled_u = u * s
-                grad_item.index_add_(0, neg_items[:, 0], scaled_u)
-                grad_item.index_add_(0, pos_items, scaled_u, alpha=-1.0)
-            else:
-                # Positive and negative rows in one buffer -> a single scatter-add.
-                item_rows = torch.empty(batch * (k + 1), dim, dtype=u.dtype, device=u.device)
-                torch.mul(u, s_total.neg(), out=item_rows[:batch])
-                torch.mul(u.unsqueeze(1), s.unsqueeze(2), out=item_rows[batch:].view(batch, k, dim))
-                grad_item.index_add_(0, torch.cat([pos_items, neg_items.reshape(-1)]), item_rows)
-            grad_item = grad_item.to(table_dtype)
+            # Positive and negative rows in one buffer -> a single scatter.
+            item_rows = torch.empty(batch * (k + 1), u.shape[1], dtype=u.dtype, device=u.device)
+            torch.mul(u, s_total.neg(), out=item_rows[:batch])
+            torch.mul(u.unsqueeze(1), s.unsqueeze(2), out=item_rows[batch:].view(batch, k, -1))
+            grad_item = scatter_rows(item_shape, torch.cat([pos_items, neg_items.reshape(-1)]),
+                                     item_rows, ctx.grad_layout).to(table_dtype)
         if ctx.needs_input_grad[5]:
             grad_weights = (-grad_rows * log_sig).to(weights.dtype)
-        return grad_user, grad_item, None, None, None, grad_weights
+        return grad_user, grad_item, None, None, None, grad_weights, None
 
 
-def dbpr_rows(user_emb, item_emb, users, pos_items, neg_items, weights=None):
-    """(B,) terms ``-w_b * mean_k logsigmoid(<u,p> - <u,n_k>)``; neg_items is (B, K)."""
-    return DBPRRows.apply(user_emb, item_emb, users, pos_items, neg_items, weights)
+GRAD_LAYOUTS = ("dense", "deterministic", "sparse")
+
+
+def scatter_rows(shape, index, rows, layout: str):
+    """Per-occurrence gradient rows summed into a (rows, D) table gradient.
+
+    "dense": ``index_add_`` (deterministic on CPU, atomics on CUDA); "deterministic":
+    ``index_put_(accumulate=True)``, sort-based and run-to-run identical on CUDA too;
+    "sparse": an uncoalesced COO tensor holding one row per occurrence, as
+    ``nn.Embedding(sparse=True)`` produces.
+    """
+    if layout == "sparse":
+        return torch.sparse_coo_tensor(index.unsqueeze(0), rows, shape, check_invariants=False)
+    grad = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
+    if layout == "deterministic" and rows.device.type != "cpu":
+        return grad.index_put_((index,), rows, accumulate=True)
+    return grad.index_add_(0, index, rows)
+
+
+def dbpr_rows(user_emb, item_emb, users, pos_items, neg_items, weights=None, grad_layout="dense"):
+    """(B,) terms ``-w_b * mean_k logsigmoid(<u,p> - <u,n_k>)``; neg_items is (B, K).
+
+    grad_layout: "dense", "deterministic" or "sparse" table gradients (``scatter_rows``).
+    """
+    return DBPRRows.apply(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout)
