@@ -160,3 +160,41 @@ def _dbpr_fused_step_fake(user_table, item_table, users, pos_items, neg_items, w
     batch, k_neg = neg_items.shape
     return (users.new_empty(batch, dtype=torch.float32),
             users.new_empty(batch, k_neg, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------ calibration
+
+@torch.library.custom_op("guider_fast::calibrate_rows", mutates_args=())
+def calibrate_rows(t: Tensor, v: Tensor, u_code: Tensor, t_code: Tensor, v_code: Tensor,
+                   threshold: float, euclidean: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton AMSC calibration of (B, d) rows: (weights, clean, distance, normalized)."""
+    from .kernels import calibration as kernels
+
+    return kernels.calibrate_rows(t, v, u_code, t_code, v_code, threshold, euclidean)
+
+
+def _calibration_fake(batch, like):
+    return (like.new_empty(batch, dtype=torch.float32), like.new_empty(batch, dtype=torch.bool),
+            like.new_empty(batch, dtype=torch.float32), like.new_empty(batch, dtype=torch.float32))
+
+
+@calibrate_rows.register_fake
+def _calibrate_rows_fake(t, v, u_code, t_code, v_code, threshold, euclidean):
+    return _calibration_fake(t.shape[0], t)
+
+
+@torch.library.custom_op("guider_fast::calibrate_cached", mutates_args=())
+def calibrate_cached(items: Tensor, item_distance: Tensor, u_code: Tensor, text_sign: Tensor,
+                     text_nonzero: Tensor, image_sign: Tensor, image_nonzero: Tensor,
+                     threshold: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton AMSC calibration from cached per-item distances and packed codes."""
+    from .kernels import calibration as kernels
+
+    return kernels.calibrate_cached(items, item_distance, u_code, text_sign, text_nonzero,
+                                    image_sign, image_nonzero, threshold)
+
+
+@calibrate_cached.register_fake
+def _calibrate_cached_fake(items, item_distance, u_code, text_sign, text_nonzero, image_sign,
+                           image_nonzero, threshold):
+    return _calibration_fake(items.shape[0], u_code)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _library
 from . import _validate as V
 from .reference import calibration as ref
 
@@ -29,11 +29,30 @@ class Calibration:
     normalized: torch.Tensor
 
 
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _calibrate_torch(t, v, u_code, t_code, v_code, threshold, distance):
     return ref.calibrate(t, v, u_code, t_code, v_code, threshold, distance)
 
 
+def _calibrate_triton(t, v, u_code, t_code, v_code, threshold, distance):
+    return _library.calibrate_rows(t, v, u_code, t_code, v_code, threshold,
+                                   distance == "euclidean")
+
+
+def _calibrate_triton_limits(problem):
+    features_dim, code_dtype = problem
+    if features_dim == 3:
+        return "the Triton calibration kernel takes (B, d) rows, not (B, n, d) point clouds"
+    if code_dtype not in TRITON_DTYPES:
+        return f"the Triton calibration kernel takes float32/16 hash codes, got {code_dtype}"
+    return None
+
+
 _dispatch.register("calibrate", "torch", _calibrate_torch)
+_dispatch.register("calibrate", "triton", _calibrate_triton, dtypes=TRITON_DTYPES,
+                   limits=_calibrate_triton_limits)
 
 
 def _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance):
@@ -95,8 +114,124 @@ def calibrate(t: torch.Tensor, v: torch.Tensor, u_code: torch.Tensor, t_code: to
     need the bounding-box diameter on the host); nothing returned carries
     gradients.  Half-precision inputs are computed in float32, and the float
     outputs are float32 (float64 for float64 inputs).
+
+    backend : "auto" | "torch" | "triton".  The Triton kernel (float32/16 (B, d)
+        rows) reads its inputs once and finds the batch min/max on the device.
+        Its "geomloss" distance takes C(t,t) = C(v',v') = sqrt(1e-8) exactly,
+        where GeomLoss's expanded cost leaves fp32 cancellation residue (up to
+        ~sqrt(ulp(|t|^2))), so the two agree to that residue, not bit for bit.
     """
     _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance)
-    _, impl = _dispatch.resolve("calibrate", backend, t.device, t.dtype)
+    _, impl = _dispatch.resolve("calibrate", backend, t.device, t.dtype,
+                                problem=(t.dim(), u_code.dtype))
     weights, clean, d, normalized = impl(t, v, u_code, t_code, v_code, float(threshold), distance)
+    return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)
+
+
+# ------------------------------------------------------------------- frozen-item cache
+
+@dataclass
+class ItemCalibration:
+    """Per-item calibration inputs for frozen projections (GUIDER's reference never trains them).
+
+    distance : (n_items,) float32 text/image disagreement of every item.
+    text_sign, text_nonzero, image_sign, image_nonzero : (n_items, ceil(bits/64)) int64
+        packed ternary hash codes (bit j of word j // 64: code_j < 0, code_j != 0).
+    bits : code length.
+
+    16 bytes per item and modality for 64-bit codes (an int8 code would take 64).
+    Build with ``precompute_item_calibration``; use with ``calibrate_items``.
+    """
+
+    distance: torch.Tensor
+    text_sign: torch.Tensor
+    text_nonzero: torch.Tensor
+    image_sign: torch.Tensor
+    image_nonzero: torch.Tensor
+    bits: int
+
+    @property
+    def n_items(self) -> int:
+        return self.distance.shape[0]
+
+    def to(self, device) -> "ItemCalibration":
+        return ItemCalibration(*(x.to(device) for x in (self.distance, self.text_sign, self.text_nonzero,
+                                                        self.image_sign, self.image_nonzero)), self.bits)
+
+
+def precompute_item_calibration(t: torch.Tensor, v: torch.Tensor, t_code: torch.Tensor,
+                                v_code: torch.Tensor, *, distance: str = "geomloss",
+                                chunk_size: int = 65536) -> ItemCalibration:
+    """Every item's distance and packed codes, from its projected features t, v (n_items, d)
+    (or clouds) and hash outputs (n_items, bits); processed ``chunk_size`` items at a time."""
+    V.require_choice("distance", distance, DISTANCES)
+    V.require_positive("chunk_size", chunk_size)
+    V.require_float("t_code", t_code)
+    V.require_rank("t_code", t_code, (2,), "(n_items, bits) hash-layer output")
+    # The item codes stand in for the per-batch user codes in the shared checks.
+    _check_calibrate(t, v, t_code, t_code, v_code, 0.5, distance)
+    distances, text_words, image_words = [], [], []
+    with torch.no_grad():
+        for start in range(0, t.shape[0], chunk_size):
+            stop = start + chunk_size
+            distances.append(ref.modality_distance(t[start:stop], v[start:stop], distance).float())
+            text_words.append(ref.pack_sign_codes(t_code[start:stop]))
+            image_words.append(ref.pack_sign_codes(v_code[start:stop]))
+    text_sign, text_nonzero = (torch.cat(part).contiguous() for part in zip(*text_words))
+    image_sign, image_nonzero = (torch.cat(part).contiguous() for part in zip(*image_words))
+    return ItemCalibration(torch.cat(distances), text_sign, text_nonzero, image_sign, image_nonzero,
+                           t_code.shape[1])
+
+
+def _calibrate_items_torch(cache, u_code, items, threshold):
+    d = cache.distance.index_select(0, items)
+    user_sign, user_nonzero = ref.pack_sign_codes(u_code)
+    sims = [ref.packed_sign_similarity(user_sign, user_nonzero, sign.index_select(0, items),
+                                       nonzero.index_select(0, items), cache.bits)
+            for sign, nonzero in ((cache.text_sign, cache.text_nonzero),
+                                  (cache.image_sign, cache.image_nonzero))]
+    weights, clean, normalized = ref.weights_from_similarities(d, sims[0], sims[1], threshold)
+    return weights, clean, d, normalized
+
+
+def _calibrate_items_triton(cache, u_code, items, threshold):
+    return _library.calibrate_cached(items.contiguous(), cache.distance, u_code, cache.text_sign,
+                                     cache.text_nonzero, cache.image_sign, cache.image_nonzero,
+                                     threshold)
+
+
+_dispatch.register("calibrate_items", "torch", _calibrate_items_torch)
+_dispatch.register("calibrate_items", "triton", _calibrate_items_triton, dtypes=TRITON_DTYPES)
+
+
+def calibrate_items(cache: ItemCalibration, u_code: torch.Tensor, items: torch.Tensor, *,
+                    threshold: float = 0.7, backend: str = "auto") -> Calibration:
+    """``calibrate`` for a batch of positive ``items`` (B,) from a frozen-item cache.
+
+    Only the user codes u_code (B, bits) are new per batch: distances and packed
+    item codes are gathered from ``cache`` and the similarities are exact
+    popcounts of the packed ternary codes.  Same outputs as ``calibrate`` on the
+    items' features.  The Triton kernel packs the user codes in registers and
+    takes the batch min/max on the device (no host sync).
+    """
+    if not isinstance(cache, ItemCalibration):
+        raise TypeError(f"cache must be an ItemCalibration (from precompute_item_calibration), "
+                        f"got {type(cache).__name__}")
+    V.require_real("threshold", threshold)
+    V.require_float("u_code", u_code)
+    V.require_rank("u_code", u_code, (2,), "(B, bits) hash-layer output")
+    V.require_index("items", items)
+    V.require_rank("items", items, (1,), "index vector (B,)")
+    if items.shape[0] == 0:
+        raise ValueError("items is empty: calibration needs at least one interaction")
+    V.require_shape("u_code", u_code, (items.shape[0], cache.bits),
+                    f"one {cache.bits}-bit code per item of the batch")
+    V.require_same_device([("u_code", u_code), ("items", items), ("cache.distance", cache.distance)])
+    if V.checks_enabled() and u_code.device.type == "cpu":
+        checks = V.ValueChecks()
+        checks.index_range("items", items, cache.n_items)
+        checks.finite("u_code", u_code)
+        checks.raise_if_any()
+    _, impl = _dispatch.resolve("calibrate_items", backend, u_code.device, u_code.dtype)
+    weights, clean, d, normalized = impl(cache, u_code, items.long(), float(threshold))
     return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)

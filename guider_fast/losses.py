@@ -9,9 +9,9 @@ from torch import nn
 
 from . import _dispatch
 from . import _validate as V
-from .calibration import DISTANCES, Calibration, calibrate
+from .calibration import (DISTANCES, Calibration, ItemCalibration, calibrate, calibrate_items,
+                          precompute_item_calibration)
 from .dbpr import _check_dbpr, _dbpr_unchecked
-from .reference import calibration as ref_calibration
 
 
 class GuiderLoss(nn.Module):
@@ -95,21 +95,26 @@ class GuiderLoss(nn.Module):
     @torch.no_grad()
     def precompute_items(self, text_feat: torch.Tensor, image_feat: torch.Tensor,
                          chunk_size: int = 65536) -> None:
-        """Cache every item's distance and ternary hash codes (frozen-item mode)."""
+        """Cache every item's distance and packed ternary hash codes (frozen-item mode).
+
+        The cache is a ``guider_fast.ItemCalibration`` (``item_calibration``).
+        """
         self._check_features(text_feat, image_feat)
-        distances, t_codes, v_codes = [], [], []
+        parts = []
         for start in range(0, text_feat.shape[0], chunk_size):
             t, v, t_code, v_code = self._project(text_feat[start:start + chunk_size],
                                                  image_feat[start:start + chunk_size])
-            distances.append(ref_calibration.modality_distance(t, v, self.distance))
-            t_codes.append(ref_calibration.pack_sign_codes(t_code))
-            v_codes.append(ref_calibration.pack_sign_codes(v_code))
-        # Ternary codes packed as (sign bits, nonzero mask) int64 words: 16 bytes per item
-        # and modality for 64 bits; similarities are exact popcounts.
-        self._item_cache = (torch.cat(distances),
-                            tuple(torch.cat(part) for part in zip(*t_codes)),
-                            tuple(torch.cat(part) for part in zip(*v_codes)))
+            parts.append(precompute_item_calibration(t, v, t_code, v_code, distance=self.distance,
+                                                     chunk_size=chunk_size))
+        self._item_cache = ItemCalibration(
+            *(torch.cat([getattr(part, name) for part in parts])
+              for name in ("distance", "text_sign", "text_nonzero", "image_sign", "image_nonzero")),
+            parts[0].bits)
         self._cache_versions = self._cache_key()
+
+    @property
+    def item_calibration(self) -> Optional[ItemCalibration]:
+        return self._item_cache
 
     def clear_item_cache(self) -> None:
         self._item_cache = None
@@ -133,23 +138,15 @@ class GuiderLoss(nn.Module):
                         "GuiderLoss item cache is stale: text_proj/image_proj/text_hash/image_hash "
                         "(or distance) changed, or the module moved, since precompute_items(); "
                         "call precompute_items() again")
-                item_distance, item_t_code, item_v_code = self._item_cache
-                if pos_items.device != item_distance.device:
+                cache = self._item_cache
+                if pos_items.device != cache.distance.device:
                     raise ValueError(f"pos_items is on {pos_items.device} but the item cache is on "
-                                     f"{item_distance.device}")
-                if item_distance.shape[0] != item_emb.shape[0]:
-                    raise ValueError(f"the item cache holds {item_distance.shape[0]} items but item_emb has "
+                                     f"{cache.distance.device}")
+                if cache.n_items != item_emb.shape[0]:
+                    raise ValueError(f"the item cache holds {cache.n_items} items but item_emb has "
                                      f"{item_emb.shape[0]} rows")
-                pos = pos_items.long()
-                d = item_distance.index_select(0, pos)
-                bits = u_code.shape[1]
-                user_words = ref_calibration.pack_sign_codes(u_code)
-                sims = [ref_calibration.packed_sign_similarity(
-                            *user_words, *(words.index_select(0, pos) for words in item_words), bits)
-                        for item_words in (item_t_code, item_v_code)]
-                weights, clean, normalized = ref_calibration.weights_from_similarities(
-                    d, sims[0], sims[1], self.threshold)
-                calibration = Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)
+                calibration = calibrate_items(cache, u_code, pos_items, threshold=self.threshold,
+                                              backend=self.backend)
             else:
                 if text_feat is None or image_feat is None:
                     raise ValueError("text_feat and image_feat are required unless precompute_items() "

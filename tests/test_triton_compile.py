@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ pytest.importorskip("triton")
 
 def configs():
     text = pathlib.Path(__file__).with_name("triton_sm90_compile.py").read_text()
-    return [line for line in text.splitlines() if line.strip().startswith("(kernels._")]
+    return [line for line in text.splitlines() if re.match(r"\s*\(\w*kernels\._", line)]
 
 
 def test_kernels_compile_for_h100():

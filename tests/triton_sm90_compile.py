@@ -11,6 +11,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from guider_fast.kernels import calibration as calibration_kernels
+from guider_fast.kernels import dbpr as dbpr_kernels
 from guider_fast.kernels import sinkhorn as kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -20,10 +22,13 @@ FLOAT_SCALARS = {"eps", "tol"}
 INT_POINTERS = {"iters_ptr"}
 
 
-def signature(fn, constexprs, point_dtype):
+def signature(fn, constexprs, point_dtype, types=None):
+    """Argument types: ``types`` first, then the Sinkhorn kernels' naming rules."""
     sig = {}
     for name in fn.arg_names:
-        if name in constexprs:
+        if types and name in types:
+            sig[name] = types[name]
+        elif name in constexprs:
             sig[name] = "constexpr"
         elif name in INT_POINTERS:
             sig[name] = "*i32"
@@ -37,6 +42,51 @@ def signature(fn, constexprs, point_dtype):
             sig[name] = "i32"
     return sig
 
+
+# DBPR and calibration kernels: tables of the given dtype, int64 indices, float scalars.
+DBPR_INDEX = {name: "*i64" for name in ("users_ptr", "pos_ptr", "neg_ptr", "keys_ptr", "order_ptr",
+                                        "items_ptr", "ts_ptr", "tn_ptr", "vs_ptr", "vn_ptr")}
+DBPR_FLOATS = {name: "fp32" for name in ("scale", "l2", "lr", "l2_scale", "threshold")}
+
+
+def dbpr_types(table_dtype):
+    tables = {name: table_dtype for name in ("user_ptr", "item_ptr", "table_ptr")}
+    return {**DBPR_INDEX, **DBPR_FLOATS, **tables}
+
+
+def calibration_types(feature_dtype):
+    features = {name: feature_dtype for name in ("t_ptr", "v_ptr", "uc_ptr", "tc_ptr", "vc_ptr")}
+    return {**DBPR_INDEX, **DBPR_FLOATS, **features}
+
+
+DBPR_CONFIGS = [
+    (dbpr_kernels._dbpr_forward_kernel, dbpr_types("*fp32"),
+     dict(HAS_WEIGHTS=True, BLOCK_B=64, BLOCK_D=64), 4),
+    (dbpr_kernels._dbpr_forward_kernel, dbpr_types("*bf16"),
+     dict(HAS_WEIGHTS=False, BLOCK_B=16, BLOCK_D=256), 4),
+    (dbpr_kernels._dbpr_scatter_kernel, dbpr_types("*fp32"),
+     dict(PER_OCCURRENCE=False, BLOCK_B=64, BLOCK_D=64), 4),
+    (dbpr_kernels._dbpr_scatter_kernel, dbpr_types("*bf16"),
+     dict(PER_OCCURRENCE=True, BLOCK_B=16, BLOCK_D=256), 4),
+    (dbpr_kernels._user_segments_kernel, dbpr_types("*fp32"),
+     dict(FORWARD=True, HAS_WEIGHTS=True, MODE=dbpr_kernels.UPDATE_STASH, CHUNK=8, BLOCK_D=64), 1),
+    (dbpr_kernels._user_segments_kernel, dbpr_types("*bf16"),
+     dict(FORWARD=False, HAS_WEIGHTS=False, MODE=dbpr_kernels.UPDATE_GRADIENT, CHUNK=8, BLOCK_D=256), 2),
+    (dbpr_kernels._item_segments_kernel, dbpr_types("*fp32"),
+     dict(MODE=dbpr_kernels.UPDATE_ADAGRAD, CHUNK=8, BLOCK_D=64), 1),
+    (dbpr_kernels._item_segments_kernel, dbpr_types("*bf16"),
+     dict(MODE=dbpr_kernels.UPDATE_SGD, CHUNK=8, BLOCK_D=256), 2),
+    (dbpr_kernels._apply_stash_kernel, dbpr_types("*bf16"),
+     dict(MODE=dbpr_kernels.UPDATE_ADAGRAD, BLOCK_D=256), 2),
+    (calibration_kernels._calibration_rows_kernel, calibration_types("*fp32"),
+     dict(EUCLIDEAN=False, BLOCK_R=64, BLOCK_D=64, BLOCK_C=64), 4),
+    (calibration_kernels._calibration_rows_kernel, calibration_types("*bf16"),
+     dict(EUCLIDEAN=True, BLOCK_R=64, BLOCK_D=64, BLOCK_C=64), 4),
+    (calibration_kernels._calibration_cached_kernel, calibration_types("*fp32"),
+     dict(BLOCK_R=64), 4),
+    (calibration_kernels._calibration_finish_kernel, calibration_types("*fp32"),
+     dict(BLOCK=1024, BLOCK_P=1024), 4),
+]
 
 CONFIGS = [
     (kernels._sinkhorn_onchip_kernel, "*fp32",
@@ -66,8 +116,12 @@ CONFIGS = [
 
 
 def main():
-    for fn, point_dtype, constexprs, warps in CONFIGS:
-        source = ASTSource(fn=fn, signature=signature(fn, constexprs, point_dtype), constexprs=constexprs)
+    configs = [(fn, point_dtype, None, constexprs, warps) for fn, point_dtype, constexprs, warps in CONFIGS]
+    configs += [(fn, types.get("user_ptr", types.get("t_ptr")), types, constexprs, warps)
+                for fn, types, constexprs, warps in DBPR_CONFIGS]
+    for fn, point_dtype, types, constexprs, warps in configs:
+        source = ASTSource(fn=fn, signature=signature(fn, constexprs, point_dtype, types),
+                           constexprs=constexprs)
         compiled = triton.compile(source, target=TARGET, options={"num_warps": warps})
         assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
         assert compiled.metadata.shared <= H100_SHARED_BYTES, (fn.__name__, constexprs, compiled.metadata.shared)

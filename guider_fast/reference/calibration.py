@@ -55,7 +55,9 @@ def minmax_normalize(d: torch.Tensor) -> torch.Tensor:
 def sign_similarity(code_a: torch.Tensor, code_b: torch.Tensor) -> torch.Tensor:
     """(sign(a) . sign(b)) / bits with sign(0) = 0, i.e. ternary codes as the reference."""
     bits = code_a.shape[-1]
-    return (torch.sign(code_a) * torch.sign(code_b)).sum(-1) / bits
+    # Counted in float32 at least: half precision cannot hold counts above 2048, nor
+    # count / bits for bits that are not a power of two.
+    return (torch.sign(code_a) * torch.sign(code_b)).sum(-1, dtype=_compute(code_a).dtype) / bits
 
 
 def calibration_weights(clean: torch.Tensor, sim_text: torch.Tensor, sim_image: torch.Tensor):
