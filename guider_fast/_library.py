@@ -198,3 +198,21 @@ def calibrate_cached(items: Tensor, item_distance: Tensor, u_code: Tensor, text_
 def _calibrate_cached_fake(items, item_distance, u_code, text_sign, text_nonzero, image_sign,
                            image_nonzero, threshold):
     return _calibration_fake(items.shape[0], u_code)
+
+
+@torch.library.custom_op("guider_fast::dbpr_atomic_sgd_step", mutates_args=("user_table", "item_table"))
+def dbpr_atomic_sgd_step(user_table: Tensor, item_table: Tensor, users: Tensor, pos_items: Tensor,
+                         neg_items: Tensor, weights: Optional[Tensor], lr: float, l2: float,
+                         scale: float) -> Tuple[Tensor, Tensor]:
+    """Triton one-pass Hogwild SGD step on float32 tables: per-triplet terms (B,), margins (B, K)."""
+    from .kernels import dbpr as kernels
+
+    return kernels.atomic_sgd_step(user_table, item_table, users.contiguous(), pos_items.contiguous(),
+                                   neg_items, weights, lr, l2, scale)
+
+
+@dbpr_atomic_sgd_step.register_fake
+def _dbpr_atomic_sgd_step_fake(user_table, item_table, users, pos_items, neg_items, weights, lr, l2,
+                               scale):
+    return _dbpr_fused_step_fake(user_table, item_table, users, pos_items, neg_items, weights, None,
+                                 None, lr, l2, scale)

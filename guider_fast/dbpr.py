@@ -13,6 +13,7 @@ from .reference.dbpr import dbpr_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 OPTIMIZERS = ("sgd", "rowwise_adagrad")
+DUPLICATE_POLICIES = ("sorted", "atomic")
 
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -183,7 +184,8 @@ class RowwiseAdagradState:
 
 
 def _dbpr_step_torch(user_table, item_table, users, pos_items, neg_items, weights, lr, optimizer,
-                     state, l2, reduction):
+                     state, l2, reduction, duplicates):
+    # Both duplicate policies give the exact step here (gradients from the pre-step rows).
     user_acc = item_acc = None
     if state is not None:
         user_acc, item_acc = state.user, state.item
@@ -192,11 +194,15 @@ def _dbpr_step_torch(user_table, item_table, users, pos_items, neg_items, weight
 
 
 def _dbpr_step_triton(user_table, item_table, users, pos_items, neg_items, weights, lr, optimizer,
-                      state, l2, reduction):
+                      state, l2, reduction, duplicates):
     user_acc = item_acc = None
     if optimizer == "rowwise_adagrad":
         user_acc, item_acc = state.user, state.item
     scale = 1.0 / users.shape[0] if reduction == "mean" else 1.0
+    if duplicates == "atomic":
+        rows, margins = _library.dbpr_atomic_sgd_step(user_table, item_table, users, pos_items,
+                                                      neg_items, weights, lr, l2, scale)
+        return rows.sum() * scale, margins
     rows, margins = _library.dbpr_fused_step(user_table, item_table, users, pos_items, neg_items,
                                              weights, user_acc, item_acc, lr, l2, scale)
     return rows.sum() * scale, margins
@@ -210,7 +216,8 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
               pos_items: torch.Tensor, neg_items: torch.Tensor,
               weights: Optional[torch.Tensor] = None, *, lr: float, optimizer: str = "sgd",
               state: Optional[RowwiseAdagradState] = None, l2: float = 0.0,
-              reduction: str = "mean", return_scores: bool = False, backend: str = "auto"):
+              reduction: str = "mean", return_scores: bool = False, duplicates: str = "sorted",
+              backend: str = "auto"):
     """One fused DBPR training step on the embedding tables, in place.
 
     Forward, backward and the optimizer update in one call that reads and writes
@@ -222,12 +229,20 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
         ``acc_r += mean(grad_r^2)``, ``row -= lr * grad_r / (sqrt(acc_r) + 1e-10)``),
         which needs ``state=RowwiseAdagradState(user_table, item_table)``.
 
-    Duplicate indices: the gradients of every occurrence of a row are summed,
-    then applied once, as dense autograd followed by the optimizer would.  Every
-    row of the batch is read before any is written.  The summation order is
-    fixed, so steps are bit-identical from run to run, on CPU and GPU.  The
-    Triton backend sorts the batch's user and item indices (a stable
-    ``torch.sort``) and sums each run of equal rows in sorted order; no atomics.
+    duplicates : the policy for rows that occur several times in the batch.
+        "sorted" (default): the gradients of every occurrence of a row are
+        summed, then applied once, as dense autograd followed by the optimizer
+        would.  Every row of the batch is read before any is written.  The
+        summation order is fixed, so steps are bit-identical from run to run, on
+        CPU and GPU.  The Triton backend sorts the batch's user and item indices
+        (a stable ``torch.sort``) and sums each run of equal rows in sorted
+        order, without atomics.
+        "atomic": SGD on float32 tables only; one Triton launch, with no sort.
+        Each block of triplets reads its rows and atomically adds
+        ``-lr * grad``.  This is Hogwild, like ``implicit``'s BPR: the update
+        order varies, and a block may read rows that other blocks of the same
+        batch have already updated.  It moves the fewest bytes.  The torch
+        backend computes the exact step for either policy.
 
     Tables may be float32, float64 (torch backend) or bfloat16/float16 storage
     (float32 math, rounded once on write-back).  ``weights`` act as constants.
@@ -236,6 +251,16 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
     """
     V.require_choice("optimizer", optimizer, OPTIMIZERS)
     V.require_choice("reduction", reduction, ("mean", "sum"))
+    V.require_choice("duplicates", duplicates, DUPLICATE_POLICIES)
+    if duplicates == "atomic":
+        if optimizer != "sgd":
+            raise ValueError("duplicates='atomic' applies per-occurrence updates, which only SGD "
+                             "allows; rowwise_adagrad needs each row's summed gradient: use "
+                             "duplicates='sorted'")
+        if user_table.dtype != torch.float32:
+            raise TypeError(f"duplicates='atomic' adds into the tables with float32 atomics: "
+                            f"user_table must be float32, got {user_table.dtype} (use "
+                            f"duplicates='sorted')")
     V.require_positive("lr", lr)
     V.require_real("l2", l2)
     if l2 < 0:
@@ -255,6 +280,8 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
         raise ValueError("state is only used by optimizer='rowwise_adagrad'")
     _, impl = _dispatch.resolve("dbpr_step", backend, user_table.device, user_table.dtype)
     negatives = neg_items.unsqueeze(1) if neg_items.dim() == 1 else neg_items
-    loss, margins = impl(user_table, item_table, users.long(), pos_items.long(), negatives.long(),
-                         weights, float(lr), optimizer, state, float(l2), reduction)
+    with torch.no_grad():  # an in-place update of the tables, never part of a graph
+        loss, margins = impl(user_table, item_table, users.long(), pos_items.long(),
+                             negatives.long(), weights, float(lr), optimizer, state, float(l2),
+                             reduction, duplicates)
     return (loss, margins) if return_scores else loss

@@ -21,12 +21,15 @@ two ways:
   row once.  Bit-identical across runs, and the only way to apply an update that
   needs the whole row gradient (row-wise Adagrad) in place.
 
-The fused step (``dbpr_step``) runs three launches over sorted segments: user
+The exact fused step (``dbpr_step``, the default) runs three launches over sorted segments: user
 segments compute the forward (G, losses, margins) and each user's summed
 gradient into a stash; item segments read the (still unchanged) user rows and
 update the item rows in place; a last launch applies the stashed user gradients.
 Every row of the batch is read before it is written, so the step equals dense
-autograd followed by the optimizer.
+autograd followed by the optimizer.  The "atomic" SGD step is one launch that
+scores each block of triplets and atomically adds its updates (Hogwild, as
+``implicit``'s BPR): (K+2) row reads and (K+2) atomic row updates per triplet,
+no sort, not deterministic, and blocks sharing rows may see each other's updates.
 
 Tables may be float32, float16 or bfloat16 (loaded, then float32 math, rounded
 once on store); index tensors any integer dtype.  This module imports triton;
@@ -147,11 +150,74 @@ def _dbpr_scatter_kernel(
 
 
 @triton.jit
+def _dbpr_atomic_sgd_kernel(
+    user_ptr, item_ptr, users_ptr, pos_ptr, neg_ptr, w_ptr, rows_ptr, margin_ptr,
+    batch, k_neg, dim,
+    stride_ur, stride_uc, stride_ir, stride_ic, stride_nb, stride_nk, stride_w,
+    scale, l2, lr,
+    HAS_WEIGHTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One-pass SGD step: score a block of triplets, then atomically add ``-lr * grad`` to
+    their rows (float32 tables).  Rows are read once, before this block writes; blocks
+    that share rows may see each other's updates (Hogwild)."""
+    trip = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ok = trip < batch
+    feats = tl.arange(0, BLOCK_D)
+    feat_ok = feats < dim
+    mask = ok[:, None] & feat_ok[None, :]
+    users = tl.load(users_ptr + trip, mask=ok, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + trip, mask=ok, other=0).to(tl.int64)
+    u = _load_rows(user_ptr, users, ok, feats, feat_ok, stride_ur, stride_uc)
+    p = _load_rows(item_ptr, pos, ok, feats, feat_ok, stride_ir, stride_ic)
+    pos_score = tl.sum(u * p, axis=1)
+    squares = tl.sum(u * u, axis=1) + tl.sum(p * p, axis=1)
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + trip * stride_w, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.full((BLOCK_B,), 1.0, tl.float32)
+    c = w * (scale / k_neg)
+    l2_scale = l2 * scale
+    log_sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    d_user = l2_scale * u
+    # Every row of the block is read before the block adds to any (a negative may
+    # repeat another negative or a positive of the block).
+    for k in range(0, k_neg):
+        neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=ok, other=0).to(tl.int64)
+        n = _load_rows(item_ptr, neg, ok, feats, feat_ok, stride_ir, stride_ic)
+        margin = pos_score - tl.sum(u * n, axis=1)
+        log_sig, sig_neg = _logsigmoid_and_sigmoid_neg(margin)
+        tl.store(margin_ptr + trip * k_neg + k, margin, mask=ok)
+        d_user += (c * sig_neg)[:, None] * n
+        log_sig_sum += log_sig
+        sig_sum += sig_neg
+        squares += tl.sum(n * n, axis=1)
+    for k in range(0, k_neg):
+        neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=ok, other=0).to(tl.int64)
+        _, sig_neg = _logsigmoid_and_sigmoid_neg(tl.load(margin_ptr + trip * k_neg + k, mask=ok,
+                                                         other=0.0))
+        step = (c * sig_neg)[:, None] * u
+        if l2 != 0.0:
+            # The decay reads the row again: it may include this block's earlier additions.
+            step += l2_scale * _load_rows(item_ptr, neg, ok, feats, feat_ok, stride_ir, stride_ic)
+        tl.atomic_add(item_ptr + neg[:, None] * stride_ir + feats[None, :] * stride_ic, -lr * step,
+                      mask=mask)
+    g = -c * sig_sum
+    d_user += g[:, None] * p
+    tl.atomic_add(item_ptr + pos[:, None] * stride_ir + feats[None, :] * stride_ic,
+                  -lr * (g[:, None] * u + l2_scale * p), mask=mask)
+    tl.atomic_add(user_ptr + users[:, None] * stride_ur + feats[None, :] * stride_uc, -lr * d_user,
+                  mask=mask)
+    tl.store(rows_ptr + trip, -w * (log_sig_sum / k_neg) + (0.5 * l2) * squares, mask=ok)
+
+
+@triton.jit
 def _segment_start(keys_ptr, position):
     """(row key, whether ``position`` starts a run of equal keys) in a sorted key vector."""
     key = tl.load(keys_ptr + position)
     previous = tl.load(keys_ptr + position - 1, mask=position > 0, other=-1)
-    return key, (position == 0) | (previous != key)
+    # Keys may be sorted as int32; row offsets need 64 bits (10^7 rows x 256 > 2^31).
+    return key.to(tl.int64), (position == 0) | (previous != key)
 
 
 @triton.jit
@@ -354,11 +420,17 @@ def forward(user_table, item_table, users, pos_items, neg_items, weights, scale:
     return rows, coef, log_sig, margins
 
 
-def _sorted_occurrences(users, pos_items, neg_items):
+def _sort_keys(keys, n_rows):
+    # Radix sort passes scale with the key width: sort 32-bit keys when the rows fit.
+    keys = keys.to(torch.int32 if n_rows < 2**31 else torch.int64)
+    return torch.sort(keys, stable=True)
+
+
+def _sorted_occurrences(users, pos_items, neg_items, n_users, n_items):
     """Stable sorts of the user keys and of the item occurrences (positives, then negatives)."""
-    user_keys, user_order = torch.sort(users.long(), stable=True)
-    item_keys, item_order = torch.sort(torch.cat([pos_items.long(), neg_items.reshape(-1).long()]),
-                                       stable=True)
+    user_keys, user_order = _sort_keys(users, n_users)
+    item_keys, item_order = _sort_keys(torch.cat([pos_items.reshape(-1), neg_items.reshape(-1)]),
+                                       n_items)
     return user_keys, user_order, item_keys, item_order
 
 
@@ -391,8 +463,8 @@ def backward(user_table, item_table, users, pos_items, neg_items, coef, grad_row
                 PER_OCCURRENCE=mode == "sparse", BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4,
             )
             return grad_user, grad_item
-        user_keys, user_order, item_keys, item_order = _sorted_occurrences(users, pos_items,
-                                                                           neg_items)
+        user_keys, user_order, item_keys, item_order = _sorted_occurrences(
+            users, pos_items, neg_items, user_table.shape[0], item_table.shape[0])
         _user_segments_kernel[(batch,)](
             user_keys, user_order, user_table, item_table, pos_items, neg_items, coef, coef,
             grad_rows, coef, coef, grad_user, coef,
@@ -430,7 +502,8 @@ def fused_step(user_table, item_table, users, pos_items, neg_items, weights, use
     stash = torch.empty(batch, dim, dtype=torch.float32, device=device)
     run_lengths = torch.empty(batch, dtype=torch.float32, device=device)
     unit = torch.ones(1, dtype=torch.float32, device=device)
-    user_keys, user_order, item_keys, item_order = _sorted_occurrences(users, pos_items, neg_items)
+    user_keys, user_order, item_keys, item_order = _sorted_occurrences(
+        users, pos_items, neg_items, user_table.shape[0], item_table.shape[0])
     acc_user = user_accumulator if adagrad else unit
     acc_item = item_accumulator if adagrad else unit
     with on_device(user_table):
@@ -453,5 +526,27 @@ def fused_step(user_table, item_table, users, pos_items, neg_items, weights, use
         _apply_stash_kernel[(batch,)](
             user_keys, stash, run_lengths, user_table, acc_user, dim, *_table_strides(user_table),
             float(lr), float(l2) * float(scale), MODE=mode, BLOCK_D=block_d, num_warps=warps,
+        )
+    return rows, margins
+
+
+def atomic_sgd_step(user_table, item_table, users, pos_items, neg_items, weights, lr: float,
+                    l2: float, scale: float):
+    """Hogwild SGD step on float32 tables: (terms (B,), margins (B, K)); one launch, no sort."""
+    batch, k_neg = neg_items.shape
+    dim = user_table.shape[1]
+    device = user_table.device
+    rows = torch.empty(batch, dtype=torch.float32, device=device)
+    margins = torch.empty(batch, k_neg, dtype=torch.float32, device=device)
+    block_b = _triplet_block(dim)
+    with on_device(user_table):
+        _dbpr_atomic_sgd_kernel[(triton.cdiv(batch, block_b),)](
+            user_table, item_table, users, pos_items, neg_items,
+            weights if weights is not None else rows, rows, margins,
+            batch, k_neg, dim, *_table_strides(user_table), *_table_strides(item_table),
+            neg_items.stride(0), neg_items.stride(1),
+            weights.stride(0) if weights is not None else 0, float(scale), float(l2), float(lr),
+            HAS_WEIGHTS=weights is not None, BLOCK_B=block_b, BLOCK_D=_feature_block(dim),
+            num_warps=4,
         )
     return rows, margins

@@ -211,6 +211,8 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(_library.dbpr_fused_step,
                           (user.clone(), item.clone(), users, pos, neg, weights, state.user.clone(),
                            state.item.clone(), 0.1, 0.01, 1.0 / users.shape[0]))
+    torch.library.opcheck(_library.dbpr_atomic_sgd_step,
+                          (user.clone(), item.clone(), users, pos, neg, weights, 0.1, 0.01, 1.0))
 
 
 def test_compiled_training_step_traces_without_graph_breaks(gen):
@@ -231,3 +233,58 @@ def test_compiled_training_step_traces_without_graph_breaks(gen):
         gf.set_checks(None)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------- atomic (Hogwild) step
+
+@pytest.mark.parametrize("k", [None, 4])
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+def test_atomic_step_equals_exact_step_within_one_block(gen, k, l2):
+    """One block of triplets reads every row before adding: then Hogwild is the exact step
+    (up to summation order; with L2, the decay of a repeated negative re-reads its row)."""
+    user, item, users, pos, neg, weights = _problem(gen, k=k, dim=16, batch=20)
+    exact = (user.clone(), item.clone())
+    atomic = (user.clone(), item.clone())
+    want = gf.dbpr_step(*exact, users, pos, neg, weights, lr=0.2, l2=l2, return_scores=True,
+                        backend="torch")
+    got = gf.dbpr_step(*atomic, users, pos, neg, weights, lr=0.2, l2=l2, return_scores=True,
+                       duplicates="atomic", backend="triton")
+    tol = STEP_TOL[torch.float32] if l2 == 0 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(got + atomic, want + exact):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_atomic_step_across_blocks_stays_close_and_lowers_the_loss(gen):
+    user, item, users, pos, neg, weights = _problem(gen, n_users=30, n_items=40, k=2, dim=16,
+                                                    batch=1000)
+    exact = (user.clone(), item.clone())
+    atomic = (user.clone(), item.clone())
+    first = gf.dbpr_step(*atomic, users, pos, neg, weights, lr=0.05, duplicates="atomic",
+                         backend="triton")
+    gf.dbpr_step(*exact, users, pos, neg, weights, lr=0.05, backend="torch")
+    # Blocks that run later see earlier blocks' updates: second-order differences only.
+    for a, b in zip(atomic, exact):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+    second = gf.dbpr_loss(*atomic, users, pos, neg, weights, backend="torch")
+    assert second < first
+
+
+def test_atomic_policy_errors(gen):
+    user, item, users, pos, neg, weights = _problem(gen)
+    state = gf.RowwiseAdagradState(user, item)
+    with pytest.raises(ValueError, match="only SGD"):
+        gf.dbpr_step(user, item, users, pos, neg, lr=0.1, optimizer="rowwise_adagrad", state=state,
+                     duplicates="atomic")
+    with pytest.raises(TypeError, match="float32"):
+        gf.dbpr_step(user.bfloat16(), item.bfloat16(), users, pos, neg, lr=0.1, duplicates="atomic")
+    with pytest.raises(ValueError, match="duplicates"):
+        gf.dbpr_step(user, item, users, pos, neg, lr=0.1, duplicates="hogwild")
+
+
+def test_step_on_parameters_that_require_grad(gen):
+    user, item, users, pos, neg, weights = _problem(gen)
+    user_param, item_param = torch.nn.Parameter(user.clone()), torch.nn.Parameter(item.clone())
+    for duplicates in ("sorted", "atomic"):
+        gf.dbpr_step(user_param, item_param, users, pos, neg, weights, lr=0.1, duplicates=duplicates,
+                     backend="triton")
+    assert user_param.grad is None and not torch.equal(user_param.detach(), user)
