@@ -156,6 +156,7 @@ def _dbpr_atomic_sgd_kernel(
     stride_ur, stride_uc, stride_ir, stride_ic, stride_nb, stride_nk, stride_w,
     scale, l2, lr,
     HAS_WEIGHTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One-pass SGD step: score a block of triplets, then atomically add ``-lr * grad`` to
     their rows (float32 tables).  Rows are read once, before this block writes; blocks
@@ -181,22 +182,27 @@ def _dbpr_atomic_sgd_kernel(
     sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     d_user = l2_scale * u
     # Every row of the block is read before the block adds to any (a negative may
-    # repeat another negative or a positive of the block).
+    # repeat another negative or a positive of the block).  The negatives'
+    # coefficients wait in registers: reading back a global store from other
+    # threads of the program would race.
+    k_lanes = tl.arange(0, BLOCK_K)
+    neg_coef = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
     for k in range(0, k_neg):
         neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=ok, other=0).to(tl.int64)
         n = _load_rows(item_ptr, neg, ok, feats, feat_ok, stride_ir, stride_ic)
         margin = pos_score - tl.sum(u * n, axis=1)
         log_sig, sig_neg = _logsigmoid_and_sigmoid_neg(margin)
         tl.store(margin_ptr + trip * k_neg + k, margin, mask=ok)
-        d_user += (c * sig_neg)[:, None] * n
+        g = c * sig_neg
+        neg_coef = tl.where(k_lanes[None, :] == k, g[:, None], neg_coef)
+        d_user += g[:, None] * n
         log_sig_sum += log_sig
         sig_sum += sig_neg
         squares += tl.sum(n * n, axis=1)
     for k in range(0, k_neg):
         neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=ok, other=0).to(tl.int64)
-        _, sig_neg = _logsigmoid_and_sigmoid_neg(tl.load(margin_ptr + trip * k_neg + k, mask=ok,
-                                                         other=0.0))
-        step = (c * sig_neg)[:, None] * u
+        g = tl.sum(tl.where(k_lanes[None, :] == k, neg_coef, 0.0), axis=1)
+        step = g[:, None] * u
         if l2 != 0.0:
             # The decay reads the row again: it may include this block's earlier additions.
             step += l2_scale * _load_rows(item_ptr, neg, ok, feats, feat_ok, stride_ir, stride_ic)
@@ -547,6 +553,6 @@ def atomic_sgd_step(user_table, item_table, users, pos_items, neg_items, weights
             neg_items.stride(0), neg_items.stride(1),
             weights.stride(0) if weights is not None else 0, float(scale), float(l2), float(lr),
             HAS_WEIGHTS=weights is not None, BLOCK_B=block_b, BLOCK_D=_feature_block(dim),
-            num_warps=4,
+            BLOCK_K=block_size(k_neg, floor=2), num_warps=4,
         )
     return rows, margins

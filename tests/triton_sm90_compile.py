@@ -69,7 +69,7 @@ DBPR_CONFIGS = [
     (dbpr_kernels._dbpr_scatter_kernel, dbpr_types("*bf16"),
      dict(PER_OCCURRENCE=True, BLOCK_B=16, BLOCK_D=256), 4),
     (dbpr_kernels._dbpr_atomic_sgd_kernel, dbpr_types("*fp32"),
-     dict(HAS_WEIGHTS=True, BLOCK_B=64, BLOCK_D=64), 4),
+     dict(HAS_WEIGHTS=True, BLOCK_B=64, BLOCK_D=64, BLOCK_K=8), 4),
     (dbpr_kernels._user_segments_kernel, dbpr_types("*fp32"),
      dict(FORWARD=True, HAS_WEIGHTS=True, MODE=dbpr_kernels.UPDATE_STASH, CHUNK=8, BLOCK_D=64), 1),
     (dbpr_kernels._user_segments_kernel, dbpr_types("*bf16"),
