@@ -131,3 +131,35 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(_library.calibrate_cached,
                           (items, cache.distance, u_code[:17], cache.text_sign, cache.text_nonzero,
                            cache.image_sign, cache.image_nonzero, 0.7))
+
+
+def test_guider_loss_on_triton_matches_torch(gen):
+    n_users, n_items, batch = 40, 30, 57
+    text_feat, image_feat = torch.randn(n_items, 24, generator=gen), torch.randn(n_items, 40, generator=gen)
+    user_emb = torch.randn(n_users, 16, generator=gen)
+    item_emb = torch.randn(n_items, 16, generator=gen)
+    users = torch.randint(0, n_users, (batch,), generator=gen)
+    pos = torch.randint(0, n_items, (batch,), generator=gen)
+    neg = torch.randint(0, n_items, (batch, 3), generator=gen)
+    torch.manual_seed(5)
+    reference = gf.GuiderLoss(24, 40, embed_dim=16, feat_embed_dim=16, backend="torch",
+                              distance="euclidean")
+    fast = gf.GuiderLoss(24, 40, embed_dim=16, feat_embed_dim=16, backend="triton",
+                         distance="euclidean")
+    fast.load_state_dict(reference.state_dict())
+    for frozen in (False, True):
+        if frozen:
+            reference.precompute_items(text_feat, image_feat)
+            fast.precompute_items(text_feat, image_feat)
+        results = []
+        for module in (reference, fast):
+            u, i = user_emb.clone().requires_grad_(), item_emb.clone().requires_grad_()
+            features = (None, None) if frozen else (text_feat, image_feat)
+            loss = module(u, i, users, pos, neg, *features)
+            results.append((loss, *torch.autograd.grad(loss, (u, i)), module.last_calibration))
+        (loss_r, gu_r, gi_r, cal_r), (loss_f, gu_f, gi_f, cal_f) = results
+        assert torch.equal(cal_f.clean, cal_r.clean)
+        torch.testing.assert_close(cal_f.weights, cal_r.weights)
+        torch.testing.assert_close(loss_f, loss_r, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(gu_f, gu_r, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(gi_f, gi_r, rtol=2e-5, atol=1e-6)
