@@ -1,0 +1,525 @@
+"""DBPR training-step workloads and the contenders that run them, for ``bench_dbpr_cpu.py``.
+
+Every torch contender does one whole training step per call: forward (gather,
+margins, weighted logsigmoid), backward, and the optimizer update of the
+embedding tables, in place.  All contenders get the same batches, in the same
+order, cycling through ``n_batches`` distinct ones (fresh data each call, as in
+training: one batch repeated lets the branch predictor learn its sort).  The contenders:
+
+* ``guider_fast sgd`` / ``guider_fast rowwise_adagrad``: ``guider_fast.dbpr_step``
+  (backend "torch", value checks on, as by default);
+* ``guider_fast dbpr_loss + dense SGD``: ``guider_fast.dbpr_loss`` forward and
+  backward into dense gradient tables, then ``torch.optim.SGD``;
+* ``naive torch + dense SGD``: gather, multiply, sum, logsigmoid, weights, mean,
+  autograd, ``torch.optim.SGD``;
+* ``torch.compile hand-derived step``: margins, sigmoid coefficients and three
+  ``index_add_`` updates straight into the tables (no autograd, duplicates added
+  one occurrence at a time), compiled once per shape, warmed up outside timing;
+* ``nn.Embedding(sparse) + SparseAdam``: the usual sparse-gradient recipe (Adam,
+  so a different update; same forward and backward work);
+* ``implicit BPR (1 epoch)``: ``implicit``'s CPU BPR, one epoch (``fit`` with
+  ``iterations=1`` on already-initialised factors) over a user x item matrix with
+  exactly ``batch`` distinct interactions, i.e. ``batch`` sampled triplets.
+  ``factors=64`` gives 65 columns (implicit appends an item-bias column); it draws
+  negatives from the interaction list (popularity-weighted), and
+  ``verify_negative_samples=False`` skips its liked-item check, as the torch
+  contenders do.  One thread (``num_threads=1``).
+
+Workloads: uniform random indices on synthetic tables (Amazon Baby size,
+20k x 7k, and 100k users x 1M items), and the real Amazon Baby / Sports
+training interactions (``x_label == 0`` rows of the ``.inter`` files under
+``$GUIDER_DATA``, default ``/work/shared/data``): a batch draws ``batch``
+(user, positive) pairs uniformly from them (repeats included, as a training
+loop's batch has) and uniform negatives.
+
+Effective bandwidth counts the bytes a step must move: read and write the
+``K + 2`` rows of each triplet (``D`` float32 each) and read its ``K + 2`` int64
+indices, ``2 (K + 2) 4 D + 8 (K + 2)`` bytes; the floor is that at 23 GB/s.
+
+Command line (from the repository root):
+
+    python benchmarks/dbpr_contenders.py report benchmarks/results_dbpr_cpu.json
+        # markdown summary of a pytest-benchmark JSON file
+    python benchmarks/dbpr_contenders.py before-after OLD_DBPR_STEP.py [--rounds N]
+        # dbpr_step before/after: an older guider_fast/reference/dbpr_step.py
+        # (e.g. from `git show REV:guider_fast/reference/dbpr_step.py`) against
+        # the current one, interleaved round by round in one process
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import guider_fast
+
+SEED = 0
+LR = 0.05
+SPARSE_ADAM_LR = 1e-3
+FLOOR_GBPS = 23.0
+MACHINE = "2-vCPU CPU guest, 1 thread"
+DATA_DIR = Path(os.environ.get("GUIDER_DATA", "/work/shared/data"))
+GRAPH_FILES = {"baby": "amazon_baby/baby.inter", "sports": "amazon_sports/sports.inter"}
+
+BASELINE = "guider_fast sgd"
+GF_SGD, GF_ADAGRAD = BASELINE, "guider_fast rowwise_adagrad"
+GF_DENSE = "guider_fast dbpr_loss + dense SGD"
+NAIVE = "naive torch + dense SGD"
+COMPILED = "torch.compile hand-derived step"
+SPARSE = "nn.Embedding(sparse) + SparseAdam"
+IMPLICIT = "implicit BPR (1 epoch)"
+ALL = (GF_SGD, GF_ADAGRAD, GF_DENSE, NAIVE, COMPILED, SPARSE, IMPLICIT)
+STEPS = (GF_SGD, GF_ADAGRAD, COMPILED, IMPLICIT)  # no dense gradient tables
+DENSE = (GF_DENSE, NAIVE)
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_users: int
+    n_items: int
+    dim: int
+    batch: int
+    k: int = 1
+    graph: Optional[str] = None  # None: uniform indices; else a key of GRAPH_FILES
+    rounds: int = 10
+    contenders: Tuple[str, ...] = ALL
+
+    @property
+    def name(self) -> str:
+        return f"{self.graph or 'uniform'}_{self.n_users}x{self.n_items}_D{self.dim}_B{self.batch}_K{self.k}"
+
+    @property
+    def label(self) -> str:
+        source = f"Amazon {self.graph.capitalize()} interactions" if self.graph else "uniform indices"
+        return (f"{self.n_users:,} users x {self.n_items:,} items, D={self.dim}, B={self.batch:,}, "
+                f"K={self.k}, {source}")
+
+    def rounds_for(self, contender: str) -> int:
+        # Dense-gradient contenders touch every row of the 1M-item table each step.
+        if contender in DENSE + (SPARSE,) and self.n_items >= 1_000_000:
+            return min(self.rounds, 4)
+        return self.rounds
+
+
+def bytes_per_triplet(dim: int, k: int, elem: int = 4, index: int = 8) -> int:
+    """Read + write of the K + 2 rows, plus their indices."""
+    return 2 * (k + 2) * dim * elem + (k + 2) * index
+
+
+@functools.lru_cache(maxsize=None)
+def graph_sizes(graph: str) -> Tuple[int, int]:
+    users, items, _ = _read_graph(graph)
+    return int(users.max()) + 1, int(items.max()) + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _read_graph(graph: str):
+    table = np.loadtxt(DATA_DIR / GRAPH_FILES[graph], dtype=np.int64, delimiter="\t", skiprows=1)
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
+def graph_pairs(graph: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training (user, item) pairs (x_label == 0)."""
+    users, items, split = _read_graph(graph)
+    train = split == 0
+    return torch.from_numpy(users[train].copy()), torch.from_numpy(items[train].copy())
+
+
+def _shapes():
+    shapes = []
+    for dim, rounds in ((64, (40, 12)), (256, (30, 6))):
+        for batch, r in zip((2_048, 65_536), rounds):
+            shapes.append(Shape(20_000, 7_000, dim, batch, rounds=r))
+    for graph in ("baby", "sports"):
+        n_users, n_items = graph_sizes(graph) if (DATA_DIR / GRAPH_FILES[graph]).exists() else (0, 0)
+        for batch, r in ((2_048, 40), (65_536, 12)):
+            shapes.append(Shape(n_users, n_items, 64, batch, graph=graph, rounds=r))
+    shapes += [
+        Shape(100_000, 1_000_000, 64, 2_048, rounds=20),
+        Shape(100_000, 1_000_000, 64, 65_536, rounds=8),
+        Shape(100_000, 1_000_000, 64, 1_048_576, rounds=3, contenders=STEPS),
+        Shape(100_000, 1_000_000, 256, 65_536, rounds=4, contenders=STEPS),
+    ]
+    return tuple(shapes)
+
+
+SHAPES = _shapes()
+
+
+@dataclass
+class Batch:
+    users: torch.Tensor
+    pos_items: torch.Tensor
+    neg_items: torch.Tensor  # (B,) for K = 1, else (B, K)
+    weights: torch.Tensor
+
+    @property
+    def negatives_2d(self) -> torch.Tensor:
+        return self.neg_items if self.neg_items.dim() == 2 else self.neg_items.unsqueeze(1)
+
+
+@dataclass
+class Problem:
+    shape: Shape
+    user_table: torch.Tensor
+    item_table: torch.Tensor
+    batches: List[Batch]  # steps cycle through them (see n_batches)
+    implicit_pairs: Tuple[np.ndarray, np.ndarray]  # `batch` distinct (user, item) pairs
+
+
+def n_batches(shape: Shape) -> int:
+    """Distinct batches a contender cycles through.  Repeating one batch flatters
+    data-dependent code: the branch predictor learns a comparison sort's input, which
+    then runs ~4x faster than on fresh data (torch.sort on 4,096 keys: 40 vs 160 us)."""
+    return 8 if shape.batch <= 65_536 else 3
+
+
+def rotating(fn, batches):
+    """``step()`` calling ``fn(batch)`` on the batches in turn (the first call gets batch 0)."""
+    calls = [0]
+
+    def step():
+        batch = batches[calls[0] % len(batches)]
+        calls[0] += 1
+        return fn(batch)
+    return step
+
+
+_PROBLEM_CACHE: dict = {}
+
+
+def make_problem(shape: Shape) -> Problem:
+    """Inputs of ``shape`` (the last one is cached: tests of one shape run back to back)."""
+    if shape in _PROBLEM_CACHE:
+        return _PROBLEM_CACHE[shape]
+    _PROBLEM_CACHE.clear()
+    gc.collect()
+    g = torch.Generator().manual_seed(SEED)
+    user_table = torch.randn(shape.n_users, shape.dim, generator=g).mul_(0.1)
+    item_table = torch.randn(shape.n_items, shape.dim, generator=g).mul_(0.1)
+    b = shape.batch
+    batches = []
+    for _ in range(n_batches(shape)):
+        if shape.graph is None:
+            users = torch.randint(0, shape.n_users, (b,), generator=g)
+            pos = torch.randint(0, shape.n_items, (b,), generator=g)
+        else:
+            all_users, all_items = graph_pairs(shape.graph)
+            pick = torch.randint(0, all_users.shape[0], (b,), generator=g)
+            users, pos = all_users[pick], all_items[pick]
+        neg_shape = (b,) if shape.k == 1 else (b, shape.k)
+        neg = torch.randint(0, shape.n_items, neg_shape, generator=g)
+        batches.append(Batch(users, pos, neg, torch.rand(b, generator=g)))
+    if shape.graph is None:
+        pair_users, pair_items = batches[0].users, batches[0].pos_items
+    else:
+        pair_users, pair_items = graph_pairs(shape.graph)
+    # implicit samples its triplets from a user x item matrix: give it `batch`
+    # distinct pairs, so that one epoch is `batch` triplets.
+    codes = np.unique(pair_users.numpy() * shape.n_items + pair_items.numpy())
+    rng = np.random.default_rng(SEED)
+    while shape.graph is None and codes.shape[0] < b:  # uniform: replace the few repeats
+        extra = rng.integers(0, shape.n_users, b) * shape.n_items + rng.integers(0, shape.n_items, b)
+        codes = np.unique(np.concatenate([codes, extra]))
+    if codes.shape[0] > b:
+        codes = rng.choice(codes, b, replace=False)
+    implicit_pairs = (codes // shape.n_items, codes % shape.n_items)
+    problem = Problem(shape, user_table, item_table, batches, implicit_pairs)
+    _PROBLEM_CACHE[shape] = problem
+    return problem
+
+
+# --------------------------------------------------------------------------
+# Contenders: build(problem) -> step() doing one training step in place
+# --------------------------------------------------------------------------
+
+def naive_loss(user_emb, item_emb, users, pos_items, neg_items, weights):
+    """Weighted BPR the plain way (mean over K negatives when neg_items is (B, K))."""
+    u = user_emb[users]
+    pos_score = (u * item_emb[pos_items]).sum(-1)
+    if neg_items.dim() == 1:
+        neg_score = (u * item_emb[neg_items]).sum(-1)
+        return -(weights * F.logsigmoid(pos_score - neg_score)).mean()
+    neg_score = (u.unsqueeze(1) * item_emb[neg_items]).sum(-1)
+    return -(weights * F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean(1)).mean()
+
+
+def hand_derived_step(user_table, item_table, users, pos_items, neg_items, weights,
+                      lr: float, scale: float):
+    """DBPR + SGD without autograd: gradients by hand, scatter-added into the tables.
+
+    neg_items is (B, K); scale = 1 / B (mean).  Duplicate rows receive one
+    ``index_add_`` per occurrence (SGD is linear, so this equals summing first,
+    up to rounding).
+    """
+    u = user_table[users]
+    p = item_table[pos_items]
+    n = item_table[neg_items]  # (B, K, D)
+    margin = (u * p).sum(-1, keepdim=True) - (n * u.unsqueeze(1)).sum(-1)
+    k = margin.shape[1]
+    loss = -(weights * F.logsigmoid(margin).mean(1)).sum() * scale
+    c = torch.sigmoid(-margin) * (weights * (scale / k)).unsqueeze(1)  # -dL/dmargin
+    c_total = c.sum(1, keepdim=True)
+    user_table.index_add_(0, users, c_total * p - (c.unsqueeze(2) * n).sum(1), alpha=lr)
+    item_table.index_add_(0, pos_items, c_total * u, alpha=lr)
+    item_table.index_add_(0, neg_items.reshape(-1),
+                          (c.unsqueeze(2) * u.unsqueeze(1)).reshape(-1, u.shape[1]), alpha=-lr)
+    return loss
+
+
+def _compiled_step():
+    dynamo = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one compilation per shape
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, 256)
+    return torch.compile(hand_derived_step, dynamic=False)
+
+
+COMPILED_STEP = None
+
+
+def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
+    """(step, triplets per call); each contender owns fresh copies of the tables."""
+    global COMPILED_STEP
+    p = problem
+    if contender in (GF_SGD, GF_ADAGRAD):
+        user_table, item_table = p.user_table.clone(), p.item_table.clone()
+        if contender == GF_SGD:
+            def one(b):
+                return guider_fast.dbpr_step(user_table, item_table, b.users, b.pos_items, b.neg_items,
+                                             b.weights, lr=LR, backend="torch")
+        else:
+            state = guider_fast.RowwiseAdagradState(user_table, item_table)
+
+            def one(b):
+                return guider_fast.dbpr_step(user_table, item_table, b.users, b.pos_items, b.neg_items,
+                                             b.weights, lr=LR, optimizer="rowwise_adagrad", state=state,
+                                             backend="torch")
+        step = rotating(one, p.batches)
+        step.tables = (user_table, item_table)
+        return step, p.shape.batch
+    if contender in DENSE:
+        user_emb = torch.nn.Parameter(p.user_table.clone())
+        item_emb = torch.nn.Parameter(p.item_table.clone())
+        optimizer = torch.optim.SGD([user_emb, item_emb], lr=LR)
+        loss_fn = guider_fast.dbpr_loss if contender == GF_DENSE else naive_loss
+
+        def one(b):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(user_emb, item_emb, b.users, b.pos_items, b.neg_items, b.weights)
+            loss.backward()
+            optimizer.step()
+            return loss
+        step = rotating(one, p.batches)
+        step.tables = (user_emb.data, item_emb.data)
+        return step, p.shape.batch
+    if contender == COMPILED:
+        if COMPILED_STEP is None:
+            COMPILED_STEP = _compiled_step()
+        user_table, item_table = p.user_table.clone(), p.item_table.clone()
+        scale = 1.0 / p.shape.batch
+
+        def one(b):
+            return COMPILED_STEP(user_table, item_table, b.users, b.pos_items, b.negatives_2d,
+                                 b.weights, LR, scale)
+        step = rotating(one, p.batches)
+        step.tables = (user_table, item_table)
+        return step, p.shape.batch
+    if contender == SPARSE:
+        user_emb = torch.nn.Embedding.from_pretrained(p.user_table.clone(), freeze=False, sparse=True)
+        item_emb = torch.nn.Embedding.from_pretrained(p.item_table.clone(), freeze=False, sparse=True)
+        optimizer = torch.optim.SparseAdam(list(user_emb.parameters()) + list(item_emb.parameters()),
+                                           lr=SPARSE_ADAM_LR)
+
+        def one(b):
+            optimizer.zero_grad(set_to_none=True)
+            u = user_emb(b.users)
+            pos_score = (u * item_emb(b.pos_items)).sum(-1)
+            if b.neg_items.dim() == 1:
+                x = pos_score - (u * item_emb(b.neg_items)).sum(-1)
+                loss = -(b.weights * F.logsigmoid(x)).mean()
+            else:
+                x = pos_score.unsqueeze(1) - (u.unsqueeze(1) * item_emb(b.neg_items)).sum(-1)
+                loss = -(b.weights * F.logsigmoid(x).mean(1)).mean()
+            loss.backward()
+            optimizer.step()
+            return loss
+        step = rotating(one, p.batches)
+        step.tables = (user_emb.weight.data, item_emb.weight.data)
+        return step, p.shape.batch
+    if contender == IMPLICIT:
+        import scipy.sparse
+        from implicit.cpu.bpr import BayesianPersonalizedRanking  # ImportError -> skipped
+
+        rows, cols = p.implicit_pairs
+        matrix = scipy.sparse.csr_matrix((np.ones(rows.shape[0], dtype=np.float32), (rows, cols)),
+                                         shape=(p.shape.n_users, p.shape.n_items))
+        model = BayesianPersonalizedRanking(factors=p.shape.dim, learning_rate=LR, regularization=0.0,
+                                            iterations=1, num_threads=1,
+                                            verify_negative_samples=False, random_state=SEED)
+        model.fit(matrix, show_progress=False)  # initialises the factors, outside timing
+
+        def step():
+            model.fit(matrix, show_progress=False)  # one epoch = matrix.nnz triplets
+        return step, int(matrix.nnz)
+    raise ValueError(f"unknown contender {contender!r}")
+
+
+def check_same_work(problem: Problem, contenders) -> None:
+    """One step of each torch SGD contender from the same tables: same loss, same tables."""
+    ref_step, _ = build(GF_SGD, problem)
+    want_loss = float(ref_step().detach())
+    want_user, want_item = ref_step.tables
+    for contender in contenders:
+        if contender in (GF_SGD, IMPLICIT):
+            continue
+        step, _ = build(contender, problem)
+        loss = float(step().detach())
+        assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (contender, loss, want_loss)
+        if contender in (GF_ADAGRAD, SPARSE):
+            continue  # other optimizers: same loss is the check
+        for name, got, want in zip(("user", "item"), step.tables, (want_user, want_item)):
+            err = (got - want).abs().max().item()
+            moved = (want - problem.user_table if name == "user" else want - problem.item_table)
+            scale = moved.abs().max().item()
+            # float32 rounding of the updated values (~1 ulp of the table entries) + 0.1% of the step
+            tol = 1e-6 * want.abs().max().item() + 1e-3 * scale
+            assert err <= tol, f"{contender}: {name} table differs by {err:.3g} (step {scale:.3g})"
+        del step
+    del ref_step
+
+
+# --------------------------------------------------------------------------
+# Command line: markdown report, before/after of dbpr_step
+# --------------------------------------------------------------------------
+
+def report(path: str) -> str:
+    with open(path) as source:
+        results = json.load(source)
+    groups: dict = {}
+    for bench in results["benchmarks"]:
+        groups.setdefault(bench["group"], []).append(bench)
+    info = results.get("machine_info", {})
+    commit = results.get("commit_info", {})
+    out = [
+        "# dbpr_step on CPU: guider_fast against the usual training-step recipes",
+        "",
+        f"Machine: **{MACHINE}** (torch {torch.__version__}, "
+        f"{info.get('cpu', {}).get('brand_raw', 'CPU')}); run {results.get('datetime', '')[:19]} UTC "
+        f"at commit `{commit.get('id', '?')[:7]}`{' (dirty tree)' if commit.get('dirty') else ''}.",
+        "Timings on a shared 2-vCPU guest are noisy: compare contenders within a group "
+        "(they ran back to back in one process) and read the ratios.",
+        "",
+        "**ratio = contender median / guider_fast sgd median** (> 1: guider_fast sgd is faster). "
+        "M trip/s = million triplets per second (median); GB/s = effective bandwidth over the "
+        "bytes a step must move (read + write K+2 rows of D float32, plus indices); floor % = "
+        f"that bandwidth as a share of {FLOOR_GBPS:g} GB/s.",
+        "",
+    ]
+    summary = {}
+    for group, benches in groups.items():
+        base = next((b for b in benches if b["extra_info"].get("contender") == BASELINE), None)
+        base_median = base["stats"]["median"] if base else None
+        out += [f"### {group}", "",
+                "| contender | median ms | min ms | rounds | M trip/s | GB/s | floor % | ratio |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for bench in sorted(benches, key=lambda b: b["stats"]["median"]):
+            s, e = bench["stats"], bench["extra_info"]
+            ratio = s["median"] / base_median if base_median else float("nan")
+            summary.setdefault(e["contender"], {})[group] = ratio
+            out.append(f"| {e['contender']} | {s['median'] * 1e3:.3f} | {s['min'] * 1e3:.3f} | "
+                       f"{s['rounds']} | {e['triplets_per_s'] / 1e6:.2f} | {e['effective_GBps']:.2f} | "
+                       f"{100 * e['floor_fraction']:.1f} | {ratio:.2f} |")
+        out.append("")
+    names = list(groups)
+    out += ["### Summary: ratio vs guider_fast sgd per group", "",
+            "| contender | " + " | ".join(f"G{i + 1}" for i in range(len(names))) + " |",
+            "|---|" + "---:|" * len(names)]
+    for contender in ALL:
+        if contender in summary:
+            cells = [f"{summary[contender][g]:.2f}" if g in summary[contender] else "-" for g in names]
+            out.append(f"| {contender} | " + " | ".join(cells) + " |")
+    out += [""] + [f"G{i + 1}: {g}" for i, g in enumerate(names)] + [""]
+    return "\n".join(out)
+
+
+def _load_step_module(path: str):
+    """An older guider_fast/reference/dbpr_step.py, imported inside guider_fast.reference."""
+    spec = importlib.util.spec_from_file_location("guider_fast.reference._dbpr_step_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _direct_step(module, user, item, optimizer, acc_user, acc_item):
+    """``batch -> module.dbpr_step(...)`` on the reference signature (no argument checks)."""
+    def one(b):
+        return module.dbpr_step(user, item, b.users, b.pos_items, b.negatives_2d, b.weights, LR,
+                                optimizer, acc_user, acc_item, 0.0, "mean")
+    return one
+
+
+def before_after(path: str, rounds: int = 10) -> str:
+    from guider_fast.reference import dbpr_step as current
+
+    before = _load_step_module(path)
+    torch.set_num_threads(1)
+    lines = ["| shape | optimizer | before ms | after ms | before M trip/s | after M trip/s | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for shape in SHAPES:
+        if shape.n_users == 0:
+            continue
+        problem = make_problem(shape)
+        for optimizer in ("sgd", "rowwise_adagrad"):
+            runs = {}
+            for name, module in (("before", before), ("after", current)):
+                user, item = problem.user_table.clone(), problem.item_table.clone()
+                acc_u = torch.zeros(shape.n_users) if optimizer != "sgd" else None
+                acc_i = torch.zeros(shape.n_items) if optimizer != "sgd" else None
+                runs[name] = rotating(_direct_step(module, user, item, optimizer, acc_u, acc_i),
+                                      problem.batches)
+                runs[name]()  # warm-up
+            times = {name: [] for name in runs}
+            n_rounds = max(2, rounds if shape.batch < 1_000_000 else 3)
+            for _ in range(n_rounds):
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            b = shape.batch
+            lines.append(f"| {shape.label} | {optimizer} | {med['before'] * 1e3:.2f} "
+                         f"| {med['after'] * 1e3:.2f} | {b / med['before'] / 1e6:.2f} | {b / med['after'] / 1e6:.2f} "
+                         f"| {med['before'] / med['after']:.2f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+            del runs
+        _PROBLEM_CACHE.clear()
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "report":
+        print(report(argv[1]))
+    elif len(argv) >= 2 and argv[0] == "before-after":
+        rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 10
+        print(before_after(argv[1], rounds))
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
