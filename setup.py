@@ -21,6 +21,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "dev": ["pytest", "pytest-benchmark", "pot>=0.9.6", "geomloss==0.3.1", "hypothesis"],
+        # guider-fast bench's PNG plot; without it the command writes the markdown only.
+        "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -115,6 +115,72 @@ class GuiderLoss(nn.Module):
     @property
     def item_calibration(self) -> Optional[ItemCalibration]:
         return self._item_cache
+
+    @torch.no_grad()
+    def align_projections(self, text_feat: torch.Tensor, image_feat: torch.Tensor, *,
+                          ridge: float = 1e-3, trim: float = 0.25, chunk_size: int = 65536) -> Dict[str, float]:
+        """Fit ``image_proj`` so that ``image_proj(v_i) ~ text_proj(t_i)`` over the catalogue.
+
+        This goes beyond the reference.  There, both projections keep their random
+        initialisation (the calibration weights carry no gradient), so the text/image
+        distance compares two unrelated random maps, and clean and noisy
+        interactions look alike.  Aligning the image projection onto the text
+        projection's space makes the distance measure modality disagreement.
+
+        The fit is trimmed ridge least squares.  After a first fit, the ``trim``
+        share of items with the largest residuals (the likely inconsistent ones) is
+        dropped and the fit is redone.  Normal equations are accumulated over
+        ``chunk_size`` items, so memory stays at O(image_dim^2).  Returns the mean
+        squared residual before and after alignment.  Any item cache becomes stale:
+        call ``precompute_items`` afterwards.
+        """
+        self._check_features(text_feat, image_feat)
+        V.require_positive("ridge", ridge)
+        if not 0 <= trim < 1:
+            raise ValueError(f"trim must be in [0, 1), got {trim!r}")
+        dtype = torch.float64
+        weight = self.image_proj.weight
+        n_items = text_feat.shape[0]
+
+        def chunks():
+            for start in range(0, n_items, chunk_size):
+                t = text_feat[start:start + chunk_size].to(weight)
+                v = image_feat[start:start + chunk_size].to(weight)
+                target = self.text_proj(t).to(dtype)
+                design = torch.cat([v.to(dtype), torch.ones(v.shape[0], 1, dtype=dtype, device=v.device)], 1)
+                yield start, design, target
+
+        def residuals(solution):
+            out = torch.empty(n_items, dtype=dtype, device=weight.device)
+            for start, design, target in chunks():
+                out[start:start + design.shape[0]] = (design @ solution - target).pow(2).sum(1)
+            return out
+
+        def fit(keep):
+            gram = torch.zeros(image_feat.shape[1] + 1, image_feat.shape[1] + 1, dtype=dtype,
+                               device=weight.device)
+            cross = torch.zeros(image_feat.shape[1] + 1, target_dim, dtype=dtype, device=weight.device)
+            for start, design, target in chunks():
+                mask = keep[start:start + design.shape[0]].unsqueeze(1).to(dtype)
+                gram += (design * mask).T @ design
+                cross += (design * mask).T @ target
+            scale = gram.diagonal().mean()
+            gram.diagonal().add_(ridge * scale)
+            return torch.linalg.solve(gram, cross)
+
+        target_dim = weight.shape[0]
+        current = torch.cat([weight.T, self.image_proj.bias.unsqueeze(0)]).to(dtype)
+        before = residuals(current)
+        solution = fit(torch.ones(n_items, dtype=torch.bool, device=weight.device))
+        if trim > 0:
+            first = residuals(solution)
+            kept = max(1, int(round((1 - trim) * n_items)))
+            keep = first <= first.kthvalue(kept).values
+            solution = fit(keep)
+        weight.copy_(solution[:-1].T.to(weight.dtype))
+        self.image_proj.bias.copy_(solution[-1].to(weight.dtype))
+        after = residuals(solution)
+        return {"mse_before": float(before.mean()) / target_dim, "mse_after": float(after.mean()) / target_dim}
 
     def clear_item_cache(self) -> None:
         self._item_cache = None

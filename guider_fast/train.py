@@ -1,0 +1,365 @@
+"""GUIDER training loop behind ``guider-fast train``: data, graph model, loss, evaluation, resume.
+
+``train(TrainConfig(...))`` trains a ``GraphRecommender`` on one dataset with
+either GUIDER's loss (``GuiderLoss``: calibration + DBPR, frozen-item mode) or
+plain BPR.  With ``align=True`` (the default; the reference leaves both
+projections random) the image projection is first fitted onto the text
+projection, so that the calibration's distance measures modality
+disagreement (``GuiderLoss.align_projections``).  It can also distil the trained teacher into a matrix-factorisation
+student (``distill="kl"``: full-catalogue KL, streamed).  The model is selected
+on validation Recall@20, with early stopping after ``patience`` evaluations
+without improvement.  The loop checkpoints after every epoch; ``resume=True``
+continues an interrupted run from its checkpoint, best model included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import data as gdata
+from .dbpr import dbpr_loss
+from .distill import kl_distill_loss
+from .evaluate import ranking_metrics
+from .losses import GuiderLoss
+from .models import KNN_MAX_ITEMS, GraphRecommender, item_graph_from_features
+
+LOSSES = ("guider", "bpr")
+DISTILL = ("none", "kl")
+SELECT_METRIC = "recall@20"
+
+
+@dataclass
+class TrainConfig:
+    data: str = "synthetic"          # "synthetic" or a path to an MMRec dataset
+    epochs: int = 30
+    batch_size: int = 2048
+    dim: int = 64
+    n_layers: int = 2
+    knn: int = 10                    # item-item kNN graph (0: off)
+    lr: float = 1e-3
+    reg_weight: float = 1e-4         # L2 on the batch's ID embeddings
+    loss: str = "guider"
+    threshold: float = 0.7
+    align: bool = True               # fit image_proj onto text_proj (beyond the reference)
+    backend: str = "auto"
+    distill: str = "none"
+    distill_weight: float = 0.1
+    eval_every: int = 1
+    patience: int = 5
+    ks: Tuple[int, ...] = (10, 20, 50)
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    metrics_json: Optional[str] = None
+    # synthetic data
+    n_users: int = 20_000
+    n_items: int = 7_000
+    noise: float = 0.2
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.distill not in DISTILL:
+            raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
+        for name in ("epochs", "batch_size", "dim", "eval_every", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("resume needs a checkpoint path (--checkpoint PATH)")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+        if SELECT_METRIC.split("@")[1] not in {str(k) for k in self.ks}:
+            raise ValueError(f"ks must include 20 (model selection uses {SELECT_METRIC}), got {self.ks}")
+
+
+def load_data(config: TrainConfig, log: Callable[[str], None]) -> gdata.InteractionData:
+    if config.data == "synthetic":
+        data = gdata.synthetic(n_users=config.n_users, n_items=config.n_items, noise=config.noise,
+                               seed=config.seed)
+    else:
+        data = gdata.load_mmrec(config.data)
+        if config.loss == "guider" and data.text_feat is None and data.image_feat is None:
+            log("no modality features in the dataset: generating synthetic text/image features "
+                "from the interaction graph (guider_fast.data.with_synthetic_features)")
+            data = gdata.with_synthetic_features(data, seed=config.seed)
+    if config.loss == "guider" and (data.text_feat is None or data.image_feat is None):
+        present = "text" if data.text_feat is not None else "image"
+        raise ValueError(f"loss='guider' calibrates text against image features, but the dataset has "
+                         f"only {present} features: use loss='bpr'")
+    return data
+
+
+class _Progress:
+    """A one-line progress display on stderr (a line per epoch when not a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+
+    def update(self, epoch, epochs, step, steps, loss, rate):
+        if self.tty:
+            width = 24
+            done = int(width * step / max(steps, 1))
+            sys.stderr.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] "
+                             f"{step}/{steps} loss {loss:.4f} {rate / 1e3:.1f}k triplets/s")
+            sys.stderr.flush()
+
+    def end_epoch(self, epoch, epochs, steps, loss, seconds):
+        if self.enabled:
+            line = f"epoch {epoch}/{epochs}: {steps} steps, loss {loss:.4f}, {seconds:.1f} s"
+            sys.stderr.write(("\r" + line + " " * 20 + "\n") if self.tty else line + "\n")
+            sys.stderr.flush()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+_RESUME_KEYS = ("data", "dim", "n_layers", "knn", "loss", "seed", "batch_size", "n_users", "n_items",
+                "noise", "distill", "threshold", "align")
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0
+    history: List[Dict] = field(default_factory=list)
+    noise_counts: Dict[str, int] = field(default_factory=dict)
+    epoch_seconds: List[float] = field(default_factory=list)
+
+
+def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
+          log: Callable[[str], None] = print) -> Dict:
+    """Train, select on validation Recall@20, and return the metrics (also written to
+    ``config.metrics_json`` when set)."""
+    config.validate()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    torch.manual_seed(config.seed)
+    if data is None:
+        data = load_data(config, log)
+    log(data.summary())
+
+    train_pairs = data.train.to(device)
+    exclude_valid = train_pairs
+    exclude_test = torch.cat([data.train, data.valid]).to(device)
+    item_graph = None
+    if config.knn and data.n_items <= KNN_MAX_ITEMS:
+        item_graph = item_graph_from_features((data.text_feat, data.image_feat), config.knn)
+    elif config.knn:
+        log(f"item-item kNN graph skipped: {data.n_items:,} items > {KNN_MAX_ITEMS:,} (exact kNN is "
+            f"quadratic in the catalogue); pass knn=0 to silence this")
+    model = GraphRecommender(data.n_users, data.n_items, data.train, dim=config.dim,
+                             n_layers=config.n_layers, item_graph=item_graph, seed=config.seed).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    guider = None
+    if config.loss == "guider":
+        guider = GuiderLoss(data.text_feat.shape[1], data.image_feat.shape[1], embed_dim=config.dim,
+                            threshold=config.threshold, backend=config.backend).to(device)
+        # The calibration weights carry no gradient: the projections and hash layers stay
+        # at their initialisation (as in the reference), so every item is calibrated once.
+        guider.requires_grad_(False)
+        if config.align:
+            fit = guider.align_projections(data.text_feat.to(device), data.image_feat.to(device))
+            log(f"aligned image_proj onto text_proj: residual {fit['mse_before']:.4g} -> {fit['mse_after']:.4g}")
+        guider.precompute_items(data.text_feat.to(device), data.image_feat.to(device))
+    student = student_opt = None
+    if config.distill == "kl":
+        student = GraphRecommender(data.n_users, data.n_items, data.train, dim=config.dim, n_layers=0,
+                                   seed=config.seed + 1).to(device)
+        student_opt = torch.optim.Adam(student.parameters(), lr=config.lr)
+    sampler = gdata.NegativeSampler(train_pairs, data.n_users, data.n_items, device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    noisy = data.noisy.to(device) if data.noisy is not None else None
+
+    state = _State()
+    best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_student = None
+    if config.resume and config.checkpoint and os.path.exists(config.checkpoint):
+        saved = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
+        mismatched = [k for k in _RESUME_KEYS if saved["config"].get(k) != getattr(config, k)]
+        if mismatched:
+            settings = ", ".join(f"{k}={saved['config'].get(k)!r}" for k in mismatched)
+            raise ValueError(f"checkpoint {config.checkpoint} was written with other settings "
+                             f"({settings}); resume with the same ones or start afresh")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        best_model = saved["best_model"]
+        if student is not None:
+            student.load_state_dict(saved["student"])
+            student_opt.load_state_dict(saved["student_optimizer"])
+            best_student = saved.get("best_student")
+        generator.set_state(saved["generator"])
+        state = _State(**saved["state"])
+        log(f"resumed from {config.checkpoint} after epoch {state.epoch} "
+            f"(best {SELECT_METRIC} {state.best_metric:.4f} at epoch {state.best_epoch})")
+    elif config.resume:
+        log(f"no checkpoint at {config.checkpoint}: starting afresh")
+
+    progress = _Progress(config.progress)
+    n_train = train_pairs.shape[0]
+    steps = math.ceil(n_train / config.batch_size)
+    header = f"{'epoch':>5} {'loss':>8} " + " ".join(f"{m:>9}" for m in ("recall@20", "ndcg@20")) + \
+        f" {'best':>5} {'s/epoch':>8}"
+    if state.epoch < config.epochs and state.bad_evals < config.patience:
+        log(header)
+    while state.epoch < config.epochs and state.bad_evals < config.patience:
+        epoch = state.epoch + 1
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(n_train, generator=generator, device=device)
+        # Device-side sums, read once per display update and epoch (no sync per step).
+        total_loss = torch.zeros((), device=device)
+        counts = torch.zeros(4, dtype=torch.long, device=device)  # tp, fp, fn, flagged
+        display_every = max(1, steps // 50)
+        for step in range(steps):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            users, pos = train_pairs[index, 0], train_pairs[index, 1]
+            neg = sampler.sample(users, generator=generator)
+            user_out, item_out = model()
+            if guider is not None:
+                loss = guider(user_out, item_out, users, pos, neg)
+                if noisy is not None:
+                    flagged = ~guider.last_calibration.clean
+                    truth = noisy[index]
+                    counts += torch.stack([(flagged & truth).sum(), (flagged & ~truth).sum(),
+                                           (~flagged & truth).sum(), flagged.sum()])
+            else:
+                loss = dbpr_loss(user_out, item_out, users, pos, neg, backend=config.backend)
+            reg = (model.user_emb[users].pow(2).sum() + model.item_emb[pos].pow(2).sum()
+                   + model.item_emb[neg].pow(2).sum()) / (2 * users.shape[0])
+            optimizer.zero_grad(set_to_none=True)
+            (loss + config.reg_weight * reg).backward()
+            optimizer.step()
+            if student is not None:
+                with torch.no_grad():
+                    teacher_user, teacher_item = model()
+                s_user, s_item = student()
+                s_loss = dbpr_loss(s_user, s_item, users, pos, neg, backend=config.backend)
+                s_loss = s_loss + config.distill_weight * kl_distill_loss(
+                    s_user, s_item, teacher_user, teacher_item, users)
+                student_opt.zero_grad(set_to_none=True)
+                s_loss.backward()
+                student_opt.step()
+            total_loss += loss.detach()
+            if progress.tty and (step + 1) % display_every == 0:
+                elapsed = time.perf_counter() - start
+                progress.update(epoch, config.epochs, step + 1, steps, float(total_loss) / (step + 1),
+                                (step + 1) * config.batch_size / max(elapsed, 1e-9))
+        mean_loss = float(total_loss) / steps
+        seconds = time.perf_counter() - start
+        progress.end_epoch(epoch, config.epochs, steps, mean_loss, seconds)
+        state.epoch = epoch
+        state.epoch_seconds.append(seconds)
+        if guider is not None and noisy is not None:
+            # The last epoch's calibration flags against the planted truth.
+            tp, fp, fn, flagged = counts.tolist()
+            state.noise_counts = {"tp": tp, "fp": fp, "fn": fn, "flagged": flagged, "seen": n_train}
+        record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds}
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            metrics = _evaluate(model, data.valid.to(device), exclude_valid, config.ks)
+            record["valid"] = metrics
+            if metrics[SELECT_METRIC] > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_evals = metrics[SELECT_METRIC], epoch, 0
+                best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if student is not None:
+                    best_student = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            else:
+                state.bad_evals += 1
+            log(f"{epoch:>5} {record['loss']:>8.4f} {metrics['recall@20']:>9.4f} {metrics['ndcg@20']:>9.4f} "
+                f"{state.best_epoch:>5} {seconds:>8.1f}")
+        state.history.append(record)
+        if config.checkpoint:
+            _atomic_save({
+                "config": dataclasses.asdict(config), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "best_model": best_model,
+                "student": student.state_dict() if student is not None else None,
+                "student_optimizer": student_opt.state_dict() if student_opt is not None else None,
+                "best_student": best_student, "generator": generator.get_state(),
+                "state": dataclasses.asdict(state),
+            }, config.checkpoint)
+    if state.bad_evals >= config.patience:
+        log(f"early stop: no {SELECT_METRIC} improvement in {config.patience} evaluations")
+
+    model.load_state_dict(best_model)
+    result = {
+        "config": dataclasses.asdict(config),
+        "data": data.summary(),
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "valid": _evaluate(model, data.valid.to(device), exclude_valid, config.ks),
+        "test": _evaluate(model, data.test.to(device), exclude_test, config.ks),
+        "seconds_per_epoch": (sum(state.epoch_seconds) / len(state.epoch_seconds)
+                              if state.epoch_seconds else None),
+        "peak_memory_mb": _peak_memory_mb(device),
+        "history": state.history,
+    }
+    if state.noise_counts:
+        c = state.noise_counts
+        precision = c["tp"] / max(c["tp"] + c["fp"], 1)
+        recall = c["tp"] / max(c["tp"] + c["fn"], 1)
+        result["noise_detection"] = {
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+            "flagged_share": c["flagged"] / max(c["seen"], 1),
+            "planted_share": float(data.noisy.float().mean()),
+        }
+    if student is not None:
+        if best_student is not None:
+            student.load_state_dict(best_student)
+        result["student_test"] = _evaluate(student, data.test.to(device), exclude_test, config.ks)
+    if config.metrics_json:
+        with open(config.metrics_json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def _evaluate(model, pairs, exclude, ks):
+    model.eval()
+    with torch.no_grad():
+        user_out, item_out = model()
+        return ranking_metrics(user_out, item_out, pairs, exclude, ks=ks)
+
+
+def format_result(result: Dict) -> str:
+    """Human-readable summary of ``train``'s result."""
+    lines = [f"best epoch {result['best_epoch']} of {result['epochs_run']}"]
+    for split in ("valid", "test"):
+        metrics = result[split]
+        lines.append(f"{split:>5}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if "student_test" in result:
+        lines.append("student test: " + "  ".join(f"{k} {v:.4f}" for k, v in result["student_test"].items()))
+    if "noise_detection" in result:
+        nd = result["noise_detection"]
+        lines.append(f"noisy flags vs planted truth (last epoch): precision {nd['precision']:.3f}, "
+                     f"recall {nd['recall']:.3f}, flagged {nd['flagged_share']:.1%} "
+                     f"(planted {nd['planted_share']:.1%})")
+    if result.get("seconds_per_epoch") is not None:
+        lines.append(f"{result['seconds_per_epoch']:.2f} s per epoch, peak memory {result['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)
