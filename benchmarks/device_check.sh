@@ -9,9 +9,10 @@
 # under its own hard timeout, the smaller of its cap and what is left of TOTAL_S:
 #   info ~10 s | Sinkhorn + dispatch tests 70 s | DBPR/calibration tests 80 s |
 #   DBPR/calibration bench 150 s (its own --budget 135 s, sections in priority order,
-#   partial results kept on a kill) | Sinkhorn bench: what is left, at most 150 s.
-# Worst case 10 + 70 + 80 + 150 + 145 = 455 s; typically the tests finish early and the
-# Sinkhorn bench gets its 150 s.  (Earlier plan: tests 200 s, Sinkhorn bench 230 s.)
+#   partial results kept on a kill) | GPU training, torch vs triton backend, 70 s |
+#   Sinkhorn bench: what is left, at most 150 s.
+# Worst case 10 + 70 + 80 + 150 + 70 + 75 = 455 s; typically the tests finish early and the
+# Sinkhorn bench gets most of its 150 s.  (Earlier plan: tests 200 s, Sinkhorn bench 230 s.)
 # bench_gpu.py writes its table only at its end: a kill there loses the Sinkhorn table.
 #
 # The machine has torch and triton but no POT/GeomLoss and no network: to compare with
@@ -76,6 +77,16 @@ if (( t > 0 )); then
     2>&1 | tee "$OUT/bench_dbpr.log"
   bench_dbpr_rc=${PIPESTATUS[0]}
 else skipped "DBPR bench"; bench_dbpr_rc=124; fi
+
+# GUIDER training on the GPU: seconds per epoch with the torch and triton backends (Baby-sized
+# synthetic data, 2 epochs each), metrics JSON per run.
+t=$(cap 70)
+if (( t > 0 )); then
+  for backend in triton torch; do
+    timeout -k 5 $(( t / 2 )) python3 -m guider_fast.cli train --device cuda --backend "$backend" --epochs 2 \
+      --no-progress --metrics-json "$OUT/train_cuda_$backend.json" 2>&1 | tail -n 8 | tee -a "$OUT/train.log"
+  done
+else skipped "GPU training"; fi
 
 t=$(cap 150)
 if (( t > 0 )); then
