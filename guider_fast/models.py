@@ -38,19 +38,20 @@ def _csr(rows, cols, values, size) -> torch.Tensor:
         return coo.coalesce().to_sparse_csr()
 
 
-def normalized_bipartite(train: torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:
-    """D^-1/2 A D^-1/2 of the (n_users + n_items) square bipartite graph, as a CSR tensor."""
-    users, items = train[:, 0].long(), train[:, 1].long() + n_users
-    rows = torch.cat([users, items])
-    cols = torch.cat([items, users])
-    size = n_users + n_items
-    # Duplicate interactions count once.
-    keys = torch.unique(rows * size + cols)
+def symmetric_normalized(rows: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """D^-1/2 A D^-1/2 (CSR) of the undirected graph with edges (rows, cols); repeated edges count once."""
+    all_rows = torch.cat([rows, cols])
+    all_cols = torch.cat([cols, rows])
+    keys = torch.unique(all_rows * size + all_cols)
     rows, cols = keys // size, keys % size
     degree = torch.bincount(rows, minlength=size).float()
     inv_sqrt = degree.clamp_min(1).rsqrt()
-    values = inv_sqrt[rows] * inv_sqrt[cols]
-    return _csr(rows, cols, values, size)
+    return _csr(rows, cols, inv_sqrt[rows] * inv_sqrt[cols], size)
+
+
+def normalized_bipartite(train: torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:
+    """D^-1/2 A D^-1/2 of the (n_users + n_items) square bipartite graph, as a CSR tensor."""
+    return symmetric_normalized(train[:, 0].long(), train[:, 1].long() + n_users, n_users + n_items)
 
 
 def knn_graph(features: torch.Tensor, k: int, *, block: int = 2048) -> torch.Tensor:
@@ -64,16 +65,7 @@ def knn_graph(features: torch.Tensor, k: int, *, block: int = 2048) -> torch.Ten
         rows = torch.arange(start, min(start + block, n))
         sims[torch.arange(rows.shape[0]), rows] = float("-inf")
         neighbours[start:start + block] = sims.topk(k, dim=1).indices
-    rows = torch.arange(n).repeat_interleave(k)
-    cols = neighbours.reshape(-1)
-    all_rows = torch.cat([rows, cols])
-    all_cols = torch.cat([cols, rows])
-    keys = torch.unique(all_rows * n + all_cols)
-    rows, cols = keys // n, keys % n
-    degree = torch.bincount(rows, minlength=n).float()
-    inv_sqrt = degree.clamp_min(1).rsqrt()
-    values = inv_sqrt[rows] * inv_sqrt[cols]
-    return _csr(rows, cols, values, n)
+    return symmetric_normalized(torch.arange(n).repeat_interleave(k), neighbours.reshape(-1), n)
 
 
 def item_graph_from_features(modalities: Sequence[Optional[torch.Tensor]], k: int) -> Optional[torch.Tensor]:

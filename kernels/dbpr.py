@@ -65,6 +65,17 @@ def _load_rows(table_ptr, index, ok, feats, feat_ok, stride_row, stride_col):
 
 
 @triton.jit
+def _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS: tl.constexpr,
+                     ROWS: tl.constexpr):
+    """(w_b, c_b = w_b scale / K) of the triplets ``trip`` (w = 1 without weights)."""
+    if HAS_WEIGHTS:
+        w = tl.load(w_ptr + trip * stride_w, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.full((ROWS,), 1.0, tl.float32)
+    return w, w * (scale / k_neg)
+
+
+@triton.jit
 def _dbpr_forward_kernel(
     user_ptr, item_ptr, users_ptr, pos_ptr, neg_ptr, w_ptr,
     rows_ptr, coef_ptr, log_sig_ptr, margin_ptr,
@@ -84,11 +95,7 @@ def _dbpr_forward_kernel(
                    stride_ir, stride_ic)
     pos_score = tl.sum(u * p, axis=1)
     squares = tl.sum(u * u, axis=1) + tl.sum(p * p, axis=1)
-    if HAS_WEIGHTS:
-        w = tl.load(w_ptr + trip * stride_w, mask=ok, other=0.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_B,), 1.0, tl.float32)
-    c = w * (scale / k_neg)
+    w, c = _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS, BLOCK_B)
     log_sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for k in range(0, k_neg):
@@ -172,11 +179,7 @@ def _dbpr_atomic_sgd_kernel(
     p = _load_rows(item_ptr, pos, ok, feats, feat_ok, stride_ir, stride_ic)
     pos_score = tl.sum(u * p, axis=1)
     squares = tl.sum(u * u, axis=1) + tl.sum(p * p, axis=1)
-    if HAS_WEIGHTS:
-        w = tl.load(w_ptr + trip * stride_w, mask=ok, other=0.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_B,), 1.0, tl.float32)
-    c = w * (scale / k_neg)
+    w, c = _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS, BLOCK_B)
     l2_scale = l2 * scale
     log_sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -327,11 +330,7 @@ def _user_segments_kernel(
             if FORWARD:
                 pos_score = tl.sum(p * u[None, :], axis=1)
                 squares = u_squared + tl.sum(p * p, axis=1)
-                if HAS_WEIGHTS:
-                    w = tl.load(w_ptr + trip * stride_w, mask=in_run, other=0.0).to(tl.float32)
-                else:
-                    w = tl.full((CHUNK,), 1.0, tl.float32)
-                c = w * (scale / k_neg)
+                w, c = _triplet_weights(w_ptr, trip, in_run, stride_w, scale, k_neg, HAS_WEIGHTS, CHUNK)
                 log_sig_sum = tl.zeros((CHUNK,), dtype=tl.float32)
                 sig_sum = tl.zeros((CHUNK,), dtype=tl.float32)
             for k in range(0, k_neg):

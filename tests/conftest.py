@@ -18,6 +18,18 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bf
 
 
 @pytest.fixture
+def cuda():
+    """The CUDA device for the GPU tests: queried when a test runs, never at collection."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter is on (TRITON_INTERPRET=1): set TRITON_INTERPRET=0 "
+                    "to test the compiled kernels")
+    pytest.importorskip("triton")
+    return torch.device("cuda")
+
+
+@pytest.fixture
 def gen():
     """A seeded generator per test, so failures reproduce."""
     return torch.Generator().manual_seed(20250427)

@@ -5,7 +5,6 @@ Triton's interpreter on unless TRITON_INTERPRET is set: run with TRITON_INTERPRE
 on the GPU machine (benchmarks/device_check.sh does) to test the compiled kernels.
 """
 
-import os
 
 import pytest
 import torch
@@ -14,17 +13,6 @@ import guider_fast as gf
 from guider_fast.reference import sinkhorn as ref
 
 from conftest import random_weights, ragged_lengths
-
-
-@pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("Triton's interpreter is on (TRITON_INTERPRET=1): set TRITON_INTERPRET=0 "
-                    "to test the compiled kernels")
-    pytest.importorskip("triton")
-    return torch.device("cuda")
 
 
 def _problem(batch, n, m, d, dtype, device, seed=0):

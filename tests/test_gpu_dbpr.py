@@ -7,23 +7,11 @@ compiled kernels.  Every check draws fresh random inputs (never zeros), with man
 duplicate indices where the summation of gradients is under test.
 """
 
-import os
 
 import pytest
 import torch
 
 import guider_fast as gf
-
-
-@pytest.fixture
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("Triton's interpreter is on (TRITON_INTERPRET=1): set TRITON_INTERPRET=0 "
-                    "to test the compiled kernels")
-    pytest.importorskip("triton")
-    return torch.device("cuda")
 
 
 def _need_free(gib):
