@@ -62,6 +62,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--knn", type=int, default=defaults.knn, help="neighbours of the item-item graph (0: off)")
     add("--reg-weight", type=float, default=defaults.reg_weight)
     add("--threshold", type=float, default=defaults.threshold, help="calibration clean threshold")
+    add("--noisy-weight", type=float, default=defaults.noisy_weight,
+        help="DBPR weight of interactions flagged noisy (GUIDER's reference: 1; 0 drops them)")
     add("--no-align", action="store_true",
         help="keep GUIDER's random text/image projections (the reference) instead of fitting the image "
              "projection onto the text one")
@@ -87,14 +89,14 @@ def train_command(args) -> int:
     config = TrainConfig(
         data=args.data, epochs=args.epochs, batch_size=args.batch_size, dim=args.dim, n_layers=args.layers,
         knn=args.knn, lr=args.lr, reg_weight=args.reg_weight, loss=args.loss, threshold=args.threshold,
-        align=not args.no_align,
+        align=not args.no_align, noisy_weight=args.noisy_weight,
         backend=args.backend, distill=args.distill, distill_weight=args.distill_weight,
         eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device,
         checkpoint=args.checkpoint, resume=args.resume, metrics_json=args.metrics_json,
         n_users=args.n_users, n_items=args.n_items, noise=args.noise, progress=not args.no_progress)
     try:
         result = train(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
         print(f"guider-fast train: {error}", file=sys.stderr)
         return 2
     print(format_result(result))

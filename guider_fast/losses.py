@@ -35,11 +35,19 @@ class GuiderLoss(nn.Module):
     them (another loss, an optimizer step on them, ``load_state_dict``), the
     cache is stale: ``forward`` detects the parameter change and raises, and
     ``precompute_items`` must be called again (or ``clear_item_cache()``).
+
+    noisy_weight : the DBPR weight of interactions the calibration flags as noisy.
+        The reference uses 1 (the default here), while clean rows get their
+        hash-code similarity (about 0.5 with untrained hash layers).  So the
+        better the flags, the more the flagged rows outweigh the clean ones:
+        ``benchmarks/results_train_cpu.md`` measures this on planted noise.
+        ``noisy_weight=0`` drops the flagged rows instead.  ``last_calibration``
+        keeps the reference weights.
     """
 
     def __init__(self, text_dim: int, image_dim: int, embed_dim: int = 64,
                  feat_embed_dim: int = 64, hash_bits: int = 64, threshold: float = 0.7,
-                 distance: str = "geomloss", backend: str = "auto"):
+                 distance: str = "geomloss", backend: str = "auto", noisy_weight: float = 1.0):
         super().__init__()
         for name, value in (("text_dim", text_dim), ("image_dim", image_dim), ("embed_dim", embed_dim),
                             ("feat_embed_dim", feat_embed_dim), ("hash_bits", hash_bits)):
@@ -54,6 +62,10 @@ class GuiderLoss(nn.Module):
         V.require_choice("distance", distance, DISTANCES)
         _dispatch.requested_backend(backend)
         self.threshold = float(threshold)
+        V.require_real("noisy_weight", noisy_weight)
+        if noisy_weight < 0:
+            raise ValueError(f"noisy_weight must be >= 0, got {noisy_weight}")
+        self.noisy_weight = float(noisy_weight)
         self.distance = distance
         self.backend = backend
         self.last_calibration: Optional[Calibration] = None
@@ -227,5 +239,8 @@ class GuiderLoss(nn.Module):
                 calibration = calibrate(t, v, u_code, t_code, v_code, threshold=self.threshold,
                                         distance=self.distance, backend=self.backend)
         self.last_calibration = calibration
-        return _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, calibration.weights,
+        weights = calibration.weights
+        if self.noisy_weight != 1.0:
+            weights = torch.where(calibration.clean, weights, torch.full_like(weights, self.noisy_weight))
+        return _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights,
                                "mean", self.backend)

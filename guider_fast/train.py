@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _dispatch
 from . import data as gdata
 from .dbpr import dbpr_loss
 from .distill import kl_distill_loss
@@ -51,6 +52,7 @@ class TrainConfig:
     loss: str = "guider"
     threshold: float = 0.7
     align: bool = True               # fit image_proj onto text_proj (beyond the reference)
+    noisy_weight: float = 1.0        # DBPR weight of flagged rows (the reference: 1; 0 drops them)
     backend: str = "auto"
     distill: str = "none"
     distill_weight: float = 0.1
@@ -139,7 +141,7 @@ def _atomic_save(obj, path: str) -> None:
 
 
 _RESUME_KEYS = ("data", "dim", "n_layers", "knn", "loss", "seed", "batch_size", "n_users", "n_items",
-                "noise", "distill", "threshold", "align")
+                "noise", "distill", "threshold", "align", "noisy_weight")
 
 
 @dataclass
@@ -161,6 +163,8 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    # An unusable backend fails here, with its reason, not at the first step.
+    _dispatch.resolve("dbpr", config.backend, device)
     torch.manual_seed(config.seed)
     if data is None:
         data = load_data(config, log)
@@ -181,7 +185,8 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
     guider = None
     if config.loss == "guider":
         guider = GuiderLoss(data.text_feat.shape[1], data.image_feat.shape[1], embed_dim=config.dim,
-                            threshold=config.threshold, backend=config.backend).to(device)
+                            threshold=config.threshold, backend=config.backend,
+                            noisy_weight=config.noisy_weight).to(device)
         # The calibration weights carry no gradient: the projections and hash layers stay
         # at their initialisation (as in the reference), so every item is calibrated once.
         guider.requires_grad_(False)
@@ -308,12 +313,16 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
         log(f"early stop: no {SELECT_METRIC} improvement in {config.patience} evaluations")
 
     model.load_state_dict(best_model)
+    best_valid = next((r["valid"] for r in state.history
+                       if r["epoch"] == state.best_epoch and "valid" in r), None)
     result = {
         "config": dataclasses.asdict(config),
         "data": data.summary(),
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
-        "valid": _evaluate(model, data.valid.to(device), exclude_valid, config.ks),
+        # The best epoch's validation metrics (the selection criterion), not re-evaluated.
+        "valid": best_valid if best_valid is not None else _evaluate(model, data.valid.to(device),
+                                                                      exclude_valid, config.ks),
         "test": _evaluate(model, data.test.to(device), exclude_test, config.ks),
         "seconds_per_epoch": (sum(state.epoch_seconds) / len(state.epoch_seconds)
                               if state.epoch_seconds else None),

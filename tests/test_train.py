@@ -126,3 +126,31 @@ def test_align_projections_makes_the_distance_detect_inconsistent_items():
     after = separation()
     assert fit["mse_after"] < fit["mse_before"]
     assert after > 2.0 and after > 1.5 * before
+
+
+def test_noisy_weight_replaces_the_weight_of_flagged_rows():
+    import guider_fast as gf
+
+    gen = torch.Generator().manual_seed(4)
+    n_users, n_items, batch = 30, 25, 64
+    text, image = torch.randn(n_items, 12, generator=gen), torch.randn(n_items, 10, generator=gen)
+    user_emb, item_emb = torch.randn(n_users, 8, generator=gen), torch.randn(n_items, 8, generator=gen)
+    users = torch.randint(0, n_users, (batch,), generator=gen)
+    pos, neg = torch.randint(0, n_items, (batch,), generator=gen), torch.randint(0, n_items, (batch,), generator=gen)
+    torch.manual_seed(0)
+    guider = gf.GuiderLoss(12, 10, embed_dim=8, threshold=0.5, noisy_weight=0.0)
+    loss = guider(user_emb, item_emb, users, pos, neg, text, image)
+    cal = guider.last_calibration
+    assert 0 < int(cal.clean.sum()) < batch  # both kinds present
+    want = gf.dbpr_loss(user_emb, item_emb, users, pos, neg, torch.where(cal.clean, cal.weights, 0.0))
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(ValueError, match="noisy_weight"):
+        gf.GuiderLoss(12, 10, noisy_weight=-1.0)
+
+
+def test_cli_reports_an_unusable_backend_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code = cli.main(["train", "--backend", "triton", "--epochs", "1", "--no-progress", "--n-users", "50",
+                     "--n-items", "40"])
+    assert code == 2
+    assert "backend='triton' cannot run" in capsys.readouterr().err
