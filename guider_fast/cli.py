@@ -67,8 +67,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-align", action="store_true",
         help="keep GUIDER's random text/image projections (the reference) instead of fitting the image "
              "projection onto the text one")
-    add("--distill", choices=("none", "kl"), default=defaults.distill,
-        help="also train a matrix-factorisation student distilled from the model (full-catalogue KL)")
+    add("--distill", choices=("none", "kl", "ot"), default=defaults.distill,
+        help="also train a matrix-factorisation student distilled from the model: full-catalogue KL "
+             "(streamed) or Sinkhorn OT between the batch's score rows (a B x B problem of dimension B "
+             "per step: ~40x the epoch time on one CPU thread at B = 2048)")
     add("--distill-weight", type=float, default=defaults.distill_weight)
     add("--eval-every", type=int, default=defaults.eval_every)
     add("--patience", type=int, default=defaults.patience,

@@ -29,13 +29,13 @@ import torch
 from . import _dispatch
 from . import data as gdata
 from .dbpr import dbpr_loss
-from .distill import kl_distill_loss
+from .distill import kl_distill_loss, ot_distill_loss
 from .evaluate import ranking_metrics
 from .losses import GuiderLoss
 from .models import KNN_MAX_ITEMS, GraphRecommender, item_graph_from_features
 
 LOSSES = ("guider", "bpr")
-DISTILL = ("none", "kl")
+DISTILL = ("none", "kl", "ot")
 SELECT_METRIC = "recall@20"
 
 
@@ -195,7 +195,7 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
             log(f"aligned image_proj onto text_proj: residual {fit['mse_before']:.4g} -> {fit['mse_after']:.4g}")
         guider.precompute_items(data.text_feat.to(device), data.image_feat.to(device))
     student = student_opt = None
-    if config.distill == "kl":
+    if config.distill != "none":
         student = GraphRecommender(data.n_users, data.n_items, data.train, dim=config.dim, n_layers=0,
                                    seed=config.seed + 1).to(device)
         student_opt = torch.optim.Adam(student.parameters(), lr=config.lr)
@@ -267,8 +267,13 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
                     teacher_user, teacher_item = model()
                 s_user, s_item = student()
                 s_loss = dbpr_loss(s_user, s_item, users, pos, neg, backend=config.backend)
-                s_loss = s_loss + config.distill_weight * kl_distill_loss(
-                    s_user, s_item, teacher_user, teacher_item, users)
+                if config.distill == "kl":
+                    distill = kl_distill_loss(s_user, s_item, teacher_user, teacher_item, users)
+                else:
+                    # Sinkhorn between the batch users' student and teacher score rows over the
+                    # batch's positive items (B points in R^B per side).
+                    distill = ot_distill_loss(s_user, s_item, teacher_user, teacher_item, users, pos)
+                s_loss = s_loss + config.distill_weight * distill
                 student_opt.zero_grad(set_to_none=True)
                 s_loss.backward()
                 student_opt.step()

@@ -66,8 +66,9 @@ def test_early_stopping_stops():
     assert result["epochs_run"] == 2
 
 
-def test_distillation_student_is_evaluated():
-    result = train(TrainConfig(loss="bpr", distill="kl", **{**SMALL, "epochs": 2}), log=_quiet)
+@pytest.mark.parametrize("distill", ["kl", "ot"])
+def test_distillation_student_is_evaluated(distill):
+    result = train(TrainConfig(loss="bpr", distill=distill, **{**SMALL, "epochs": 2}), log=_quiet)
     assert set(result["student_test"]) == set(result["test"])
 
 
