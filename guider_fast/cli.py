@@ -64,9 +64,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threshold", type=float, default=defaults.threshold, help="calibration clean threshold")
     add("--noisy-weight", type=float, default=defaults.noisy_weight,
         help="DBPR weight of interactions flagged noisy (GUIDER's reference: 1; 0 drops them)")
-    add("--no-align", action="store_true",
-        help="keep GUIDER's random text/image projections (the reference) instead of fitting the image "
-             "projection onto the text one")
+    add("--align", action="store_true",
+        help="fit the image projection onto the text one, so the calibration measures modality "
+             "disagreement (the reference keeps both random)")
     add("--distill", choices=("none", "kl", "ot"), default=defaults.distill,
         help="also train a matrix-factorisation student distilled from the model: full-catalogue KL "
              "(streamed) or Sinkhorn OT between the batch's score rows (a B x B problem of dimension B "
@@ -91,7 +91,7 @@ def train_command(args) -> int:
     config = TrainConfig(
         data=args.data, epochs=args.epochs, batch_size=args.batch_size, dim=args.dim, n_layers=args.layers,
         knn=args.knn, lr=args.lr, reg_weight=args.reg_weight, loss=args.loss, threshold=args.threshold,
-        align=not args.no_align, noisy_weight=args.noisy_weight,
+        align=args.align, noisy_weight=args.noisy_weight,
         backend=args.backend, distill=args.distill, distill_weight=args.distill_weight,
         eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device,
         checkpoint=args.checkpoint, resume=args.resume, metrics_json=args.metrics_json,

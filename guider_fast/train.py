@@ -2,10 +2,13 @@
 
 ``train(TrainConfig(...))`` trains a ``GraphRecommender`` on one dataset with
 either GUIDER's loss (``GuiderLoss``: calibration + DBPR, frozen-item mode) or
-plain BPR.  With ``align=True`` (the default; the reference leaves both
-projections random) the image projection is first fitted onto the text
-projection, so that the calibration's distance measures modality
-disagreement (``GuiderLoss.align_projections``).  It can also distil the trained teacher into a matrix-factorisation
+plain BPR.  The defaults are GUIDER as published.  Options beyond the reference:
+``align=True`` fits the image projection onto the text projection, so that the
+calibration's distance measures modality disagreement (the reference leaves
+both projections random; ``GuiderLoss.align_projections``); ``noisy_weight=0``
+drops the flagged interactions instead of weighting them 1.  On planted noise,
+``align=True, noisy_weight=0, threshold=0.3`` is the recipe that denoises
+(``benchmarks/results_train_cpu.md``).  It can also distil the trained teacher into a matrix-factorisation
 student (``distill="kl"``: full-catalogue KL, streamed).  The model is selected
 on validation Recall@20, with early stopping after ``patience`` evaluations
 without improvement.  The loop checkpoints after every epoch; ``resume=True``
@@ -51,7 +54,7 @@ class TrainConfig:
     reg_weight: float = 1e-4         # L2 on the batch's ID embeddings
     loss: str = "guider"
     threshold: float = 0.7
-    align: bool = True               # fit image_proj onto text_proj (beyond the reference)
+    align: bool = False              # fit image_proj onto text_proj (beyond the reference)
     noisy_weight: float = 1.0        # DBPR weight of flagged rows (the reference: 1; 0 drops them)
     backend: str = "auto"
     distill: str = "none"
