@@ -11,7 +11,7 @@ The forward stores G, so the backward never recomputes a score: it only reads
 rows and forms ``dL/du_b = sum_j G_bj i_bj`` and ``dL/di_bj = G_bj u_b``.
 
 Duplicate rows (popular items repeat many times per batch) are summed in one of
-two ways:
+two ways (the atomics are relaxed: each is an independent sum, nothing orders on them):
 
 * **atomic**: one program per block of triplets adds its rows' gradients with
   ``tl.atomic_add`` (fastest; summation order varies run to run on a GPU);
@@ -139,7 +139,8 @@ def _dbpr_scatter_kernel(
     if PER_OCCURRENCE:
         tl.store(grad_item_ptr + trip[:, None] * dim + feats[None, :], g[:, None] * u, mask=mask)
     else:
-        tl.atomic_add(grad_item_ptr + pos[:, None] * dim + feats[None, :], g[:, None] * u, mask=mask)
+        tl.atomic_add(grad_item_ptr + pos[:, None] * dim + feats[None, :], g[:, None] * u, mask=mask,
+                      sem="relaxed")
     for k in range(0, k_neg):
         neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=ok, other=0).to(tl.int64)
         g = tl.load(coef_ptr + trip * (k_neg + 1) + 1 + k, mask=ok, other=0.0) * grad_rows
@@ -149,11 +150,12 @@ def _dbpr_scatter_kernel(
             tl.store(grad_item_ptr + slot[:, None] * dim + feats[None, :], g[:, None] * u, mask=mask)
         else:
             tl.atomic_add(grad_item_ptr + neg[:, None] * dim + feats[None, :], g[:, None] * u,
-                          mask=mask)
+                          mask=mask, sem="relaxed")
     if PER_OCCURRENCE:
         tl.store(grad_user_ptr + trip[:, None] * dim + feats[None, :], d_user, mask=mask)
     else:
-        tl.atomic_add(grad_user_ptr + users[:, None] * dim + feats[None, :], d_user, mask=mask)
+        tl.atomic_add(grad_user_ptr + users[:, None] * dim + feats[None, :], d_user, mask=mask,
+                      sem="relaxed")
 
 
 @triton.jit
@@ -210,13 +212,13 @@ def _dbpr_atomic_sgd_kernel(
             # The decay reads the row again: it may include this block's earlier additions.
             step += l2_scale * _load_rows(item_ptr, neg, ok, feats, feat_ok, stride_ir, stride_ic)
         tl.atomic_add(item_ptr + neg[:, None] * stride_ir + feats[None, :] * stride_ic, -lr * step,
-                      mask=mask)
+                      mask=mask, sem="relaxed")
     g = -c * sig_sum
     d_user += g[:, None] * p
     tl.atomic_add(item_ptr + pos[:, None] * stride_ir + feats[None, :] * stride_ic,
-                  -lr * (g[:, None] * u + l2_scale * p), mask=mask)
+                  -lr * (g[:, None] * u + l2_scale * p), mask=mask, sem="relaxed")
     tl.atomic_add(user_ptr + users[:, None] * stride_ur + feats[None, :] * stride_uc, -lr * d_user,
-                  mask=mask)
+                  mask=mask, sem="relaxed")
     tl.store(rows_ptr + trip, -w * (log_sig_sum / k_neg) + (0.5 * l2) * squares, mask=ok)
 
 
