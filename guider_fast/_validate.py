@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import contextlib
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -36,6 +37,18 @@ def set_checks(enabled: Optional[bool]) -> None:
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"set_checks: enabled must be a bool or None, got {type(enabled).__name__}")
     _checks_override = enabled
+
+
+@contextlib.contextmanager
+def checks_off():
+    """Value checks off inside the block; the previous setting (override or default) after it."""
+    global _checks_override
+    previous = _checks_override
+    _checks_override = False
+    try:
+        yield
+    finally:
+        _checks_override = previous
 
 
 def checks_enabled() -> bool:

@@ -17,6 +17,7 @@ continues an interrupted run from its checkpoint, best model included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import _dispatch
+from . import _validate as V
 from . import data as gdata
 from .dbpr import dbpr_loss
 from .distill import kl_distill_loss, ot_distill_loss
@@ -237,6 +239,7 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
         f" {'best':>5} {'s/epoch':>8}"
     if state.epoch < config.epochs and state.bad_evals < config.patience:
         log(header)
+    first_epoch = state.epoch + 1
     while state.epoch < config.epochs and state.bad_evals < config.patience:
         epoch = state.epoch + 1
         model.train()
@@ -247,40 +250,12 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
         counts = torch.zeros(4, dtype=torch.long, device=device)  # tp, fp, fn, flagged
         display_every = max(1, steps // 50)
         for step in range(steps):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            users, pos = train_pairs[index, 0], train_pairs[index, 1]
-            neg = sampler.sample(users, generator=generator)
-            user_out, item_out = model()
-            if guider is not None:
-                loss = guider(user_out, item_out, users, pos, neg)
-                if noisy is not None:
-                    flagged = ~guider.last_calibration.clean
-                    truth = noisy[index]
-                    counts += torch.stack([(flagged & truth).sum(), (flagged & ~truth).sum(),
-                                           (~flagged & truth).sum(), flagged.sum()])
-            else:
-                loss = dbpr_loss(user_out, item_out, users, pos, neg, backend=config.backend)
-            reg = (model.user_emb[users].pow(2).sum() + model.item_emb[pos].pow(2).sum()
-                   + model.item_emb[neg].pow(2).sum()) / (2 * users.shape[0])
-            optimizer.zero_grad(set_to_none=True)
-            (loss + config.reg_weight * reg).backward()
-            optimizer.step()
-            if student is not None:
-                with torch.no_grad():
-                    teacher_user, teacher_item = model()
-                s_user, s_item = student()
-                s_loss = dbpr_loss(s_user, s_item, users, pos, neg, backend=config.backend)
-                if config.distill == "kl":
-                    distill = kl_distill_loss(s_user, s_item, teacher_user, teacher_item, users)
-                else:
-                    # Sinkhorn between the batch users' student and teacher score rows over the
-                    # batch's positive items (B points in R^B per side).
-                    distill = ot_distill_loss(s_user, s_item, teacher_user, teacher_item, users, pos)
-                s_loss = s_loss + config.distill_weight * distill
-                student_opt.zero_grad(set_to_none=True)
-                s_loss.backward()
-                student_opt.step()
-            total_loss += loss.detach()
+            # The first step of a run checks values (indices, weights); the rest skip the
+            # checks' device sync: the trainer builds every later batch the same way.
+            with contextlib.nullcontext() if step == 0 and epoch == first_epoch else V.checks_off():
+                total_loss = _train_step(step, order, config, train_pairs, sampler, generator, model,
+                                         optimizer, guider, noisy, counts, student, student_opt,
+                                         total_loss)
             if progress.tty and (step + 1) % display_every == 0:
                 elapsed = time.perf_counter() - start
                 progress.update(epoch, config.epochs, step + 1, steps, float(total_loss) / (step + 1),
@@ -355,6 +330,45 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
         with open(config.metrics_json, "w") as handle:
             json.dump(result, handle, indent=2)
     return result
+
+
+def _train_step(step, order, config, train_pairs, sampler, generator, model, optimizer, guider, noisy,
+                counts, student, student_opt, total_loss):
+    """One optimisation step of the model (and of the student); returns the running loss sum."""
+    index = order[step * config.batch_size:(step + 1) * config.batch_size]
+    users, pos = train_pairs[index, 0], train_pairs[index, 1]
+    neg = sampler.sample(users, generator=generator)
+    user_out, item_out = model()
+    if guider is not None:
+        loss = guider(user_out, item_out, users, pos, neg)
+        if noisy is not None:
+            flagged = ~guider.last_calibration.clean
+            truth = noisy[index]
+            counts += torch.stack([(flagged & truth).sum(), (flagged & ~truth).sum(),
+                                   (~flagged & truth).sum(), flagged.sum()])
+    else:
+        loss = dbpr_loss(user_out, item_out, users, pos, neg, backend=config.backend)
+    reg = (model.user_emb[users].pow(2).sum() + model.item_emb[pos].pow(2).sum()
+           + model.item_emb[neg].pow(2).sum()) / (2 * users.shape[0])
+    optimizer.zero_grad(set_to_none=True)
+    (loss + config.reg_weight * reg).backward()
+    optimizer.step()
+    if student is not None:
+        with torch.no_grad():
+            teacher_user, teacher_item = model()
+        s_user, s_item = student()
+        s_loss = dbpr_loss(s_user, s_item, users, pos, neg, backend=config.backend)
+        if config.distill == "kl":
+            distill = kl_distill_loss(s_user, s_item, teacher_user, teacher_item, users)
+        else:
+            # Sinkhorn between the batch users' student and teacher score rows over the
+            # batch's positive items (B points in R^B per side).
+            distill = ot_distill_loss(s_user, s_item, teacher_user, teacher_item, users, pos)
+        s_loss = s_loss + config.distill_weight * distill
+        student_opt.zero_grad(set_to_none=True)
+        s_loss.backward()
+        student_opt.step()
+    return total_loss + loss.detach()
 
 
 def _evaluate(model, pairs, exclude, ks):

@@ -155,3 +155,16 @@ def test_cli_reports_an_unusable_backend_in_one_line(capsys, monkeypatch):
                      "--n-items", "40"])
     assert code == 2
     assert "backend='triton' cannot run" in capsys.readouterr().err
+
+
+def test_training_leaves_the_value_check_setting_as_it_was():
+    import guider_fast as gf
+
+    for setting in (None, True, False):
+        gf.set_checks(setting)
+        try:
+            before = gf.checks_enabled()
+            train(TrainConfig(loss="bpr", **{**SMALL, "epochs": 1}), log=_quiet)
+            assert gf.checks_enabled() == before
+        finally:
+            gf.set_checks(None)
