@@ -168,3 +168,14 @@ def test_training_leaves_the_value_check_setting_as_it_was():
             assert gf.checks_enabled() == before
         finally:
             gf.set_checks(None)
+
+
+def test_training_on_the_triton_backend_matches_torch():
+    """The whole loop through the Triton kernels (interpreted here): same losses as torch."""
+    pytest.importorskip("triton")
+    tiny = {**SMALL, "n_users": 60, "n_items": 40, "epochs": 1, "batch_size": 128, "knn": 0}
+    results = {backend: train(TrainConfig(loss="guider", align=True, backend=backend, **tiny), log=_quiet)
+               for backend in ("torch", "triton")}
+    assert results["triton"]["history"][0]["loss"] == pytest.approx(results["torch"]["history"][0]["loss"],
+                                                                     rel=1e-4)
+    assert results["triton"]["noise_detection"] == pytest.approx(results["torch"]["noise_detection"])
