@@ -71,7 +71,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="also train a matrix-factorisation student distilled from the model: full-catalogue KL "
              "(streamed) or Sinkhorn OT between the batch's score rows (a B x B problem of dimension B "
              "per step: ~40x the epoch time on one CPU thread at B = 2048)")
-    add("--distill-weight", type=float, default=defaults.distill_weight)
+    add("--distill-weight", type=float, default=defaults.distill_weight,
+        help="a fixed weight of the distillation term (default: the reference's MGDA two-task rule)")
     add("--eval-every", type=int, default=defaults.eval_every)
     add("--patience", type=int, default=defaults.patience,
         help="stop after this many evaluations without a better validation recall@20")

@@ -60,7 +60,7 @@ class TrainConfig:
     noisy_weight: float = 1.0        # DBPR weight of flagged rows (the reference: 1; 0 drops them)
     backend: str = "auto"
     distill: str = "none"
-    distill_weight: float = 0.1
+    distill_weight: Optional[float] = None   # None: the reference's MGDA two-task weighting
     eval_every: int = 1
     patience: int = 5
     ks: Tuple[int, ...] = (10, 20, 50)
@@ -88,6 +88,9 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume needs a checkpoint path (--checkpoint PATH)")
+        weight = self.distill_weight
+        if weight is not None and not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"distill_weight must be None (MGDA) or a number >= 0, got {weight!r}")
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
         if SELECT_METRIC.split("@")[1] not in {str(k) for k in self.ks}:
@@ -332,6 +335,23 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
     return result
 
 
+def mgda_weights(g_task, g_distill):
+    """The reference's two-task min-norm (MGDA) weights (task, distillation), as 0-d tensors.
+
+    With g1, g2 the student-loss and distillation gradients over all student
+    parameters: ``c = 0.999`` if ``g1.g2 >= 0``; ``c = 0.001`` if
+    ``-g1.g2 >= |g2|^2``; else ``c = 1 + g1.g2 / |g2|^2``.  The weights are
+    ``max(c, 0.5)`` and ``max(1 - c, 1e-4)``.  Computed on the device, with no
+    host sync.
+    """
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(g_task, g_distill))
+    norm2 = sum(b.double().pow(2).sum() for b in g_distill)
+    c = torch.where(dot >= 0, torch.full_like(dot, 0.999),
+                    torch.where(-dot >= norm2, torch.full_like(dot, 0.001),
+                                1 + dot / norm2.clamp_min(torch.finfo(torch.float64).tiny)))
+    return c.clamp_min(0.5).float(), (1 - c).clamp_min(1e-4).float()
+
+
 def _train_step(step, order, config, train_pairs, sampler, generator, model, optimizer, guider, noisy,
                 counts, student, student_opt, total_loss):
     """One optimisation step of the model (and of the student); returns the running loss sum."""
@@ -364,9 +384,16 @@ def _train_step(step, order, config, train_pairs, sampler, generator, model, opt
             # Sinkhorn between the batch users' student and teacher score rows over the
             # batch's positive items (B points in R^B per side).
             distill = ot_distill_loss(s_user, s_item, teacher_user, teacher_item, users, pos)
-        s_loss = s_loss + config.distill_weight * distill
         student_opt.zero_grad(set_to_none=True)
-        s_loss.backward()
+        if config.distill_weight is None:
+            params = [p for p in student.parameters() if p.requires_grad]
+            g_task = torch.autograd.grad(s_loss, params, retain_graph=True)
+            g_distill = torch.autograd.grad(distill, params)
+            w_task, w_distill = mgda_weights(g_task, g_distill)
+            for param, a, b in zip(params, g_task, g_distill):
+                param.grad = w_task * a + w_distill * b
+        else:
+            (s_loss + config.distill_weight * distill).backward()
         student_opt.step()
     return total_loss + loss.detach()
 

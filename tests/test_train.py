@@ -66,9 +66,10 @@ def test_early_stopping_stops():
     assert result["epochs_run"] == 2
 
 
-@pytest.mark.parametrize("distill", ["kl", "ot"])
-def test_distillation_student_is_evaluated(distill):
-    result = train(TrainConfig(loss="bpr", distill=distill, **{**SMALL, "epochs": 2}), log=_quiet)
+@pytest.mark.parametrize("distill, weight", [("kl", None), ("ot", None), ("kl", 0.1)])
+def test_distillation_student_is_evaluated(distill, weight):
+    result = train(TrainConfig(loss="bpr", distill=distill, distill_weight=weight, **{**SMALL, "epochs": 2}),
+                   log=_quiet)
     assert set(result["student_test"]) == set(result["test"])
 
 
@@ -179,3 +180,16 @@ def test_training_on_the_triton_backend_matches_torch():
     assert results["triton"]["history"][0]["loss"] == pytest.approx(results["torch"]["history"][0]["loss"],
                                                                      rel=1e-4)
     assert results["triton"]["noise_detection"] == pytest.approx(results["torch"]["noise_detection"])
+
+
+def test_mgda_weights_follow_the_reference_rule():
+    from guider_fast.train import mgda_weights
+
+    g1 = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])]
+    task, distill = mgda_weights(g1, [torch.tensor([1.0, 1.0]), torch.tensor([0.0])])  # g1.g2 = 1 >= 0
+    assert task.item() == pytest.approx(0.999) and distill.item() == pytest.approx(1e-3)
+    task, distill = mgda_weights(g1, [torch.tensor([-3.0, 0.0]), torch.tensor([0.0])])  # -g1.g2 = 3 < 9
+    c = 1 - 3 / 9
+    assert task.item() == pytest.approx(max(c, 0.5)) and distill.item() == pytest.approx(1 - c)
+    task, distill = mgda_weights(g1, [torch.tensor([-0.5, 0.0]), torch.tensor([0.0])])  # 0.5 >= 0.25
+    assert task.item() == pytest.approx(0.5) and distill.item() == pytest.approx(0.999)
