@@ -611,14 +611,7 @@ class Worker:
                         except Exception as exc:
                             ref = describe(exc)
 
-                    def body(row, fn=fn, ref=ref):
-                        out, row["first_s"] = first_call(fn)
-                        if not isinstance(ref, str):
-                            row["check"] = max(_rel(out.weights, ref.weights),
-                                               _rel(out.distance, ref.distance))
-                            row["clean_mismatches"] = int((out.clean != ref.clean).sum())
-                        row["p20"], row["ms"], row["p80"], row["peak_mb"] = timed(fn)
-                    self.attempt(row, body)
+                    self.attempt(row, _calibration_body(fn, ref))
             del t, v, codes
             cleanup()
         self._calib_items(batches, d, bits)
@@ -661,17 +654,21 @@ class Worker:
                         except Exception as exc:
                             ref = describe(exc)
 
-                    def body(row, fn=fn, ref=ref):
-                        out, row["first_s"] = first_call(fn)
-                        if not isinstance(ref, str):
-                            row["check"] = max(_rel(out.weights, ref.weights),
-                                               _rel(out.distance, ref.distance))
-                            row["clean_mismatches"] = int((out.clean != ref.clean).sum())
-                        row["p20"], row["ms"], row["p80"], row["peak_mb"] = timed(fn)
-                    self.attempt(row, body)
+                    self.attempt(row, _calibration_body(fn, ref))
                 del items, u_code
             del cache, t_all, v_all, t_code, v_code
             cleanup()
+
+
+def _calibration_body(fn, ref):
+    """A measurement body: first call (checked against ``ref``, a Calibration or an error text), then timing."""
+    def body(row):
+        out, row["first_s"] = first_call(fn)
+        if not isinstance(ref, str):
+            row["check"] = max(_rel(out.weights, ref.weights), _rel(out.distance, ref.distance))
+            row["clean_mismatches"] = int((out.clean != ref.clean).sum())
+        row["p20"], row["ms"], row["p80"], row["peak_mb"] = timed(fn)
+    return body
 
 
 def _cache_row_bytes(cache, n_items):

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 import guider_fast
+from bench_ops_cpu import naive_dbpr_loss  # the one plain-torch DBPR of the benchmarks
 
 SEED = 0
 LR = 0.05
@@ -245,17 +246,6 @@ def make_problem(shape: Shape) -> Problem:
 # Contenders: build(problem) -> step() doing one training step in place
 # --------------------------------------------------------------------------
 
-def naive_loss(user_emb, item_emb, users, pos_items, neg_items, weights):
-    """Weighted BPR the plain way (mean over K negatives when neg_items is (B, K))."""
-    u = user_emb[users]
-    pos_score = (u * item_emb[pos_items]).sum(-1)
-    if neg_items.dim() == 1:
-        neg_score = (u * item_emb[neg_items]).sum(-1)
-        return -(weights * F.logsigmoid(pos_score - neg_score)).mean()
-    neg_score = (u.unsqueeze(1) * item_emb[neg_items]).sum(-1)
-    return -(weights * F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean(1)).mean()
-
-
 def hand_derived_step(user_table, item_table, users, pos_items, neg_items, weights,
                       lr: float, scale: float):
     """DBPR + SGD without autograd: gradients by hand, scatter-added into the tables.
@@ -314,7 +304,7 @@ def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
         user_emb = torch.nn.Parameter(p.user_table.clone())
         item_emb = torch.nn.Parameter(p.item_table.clone())
         optimizer = torch.optim.SGD([user_emb, item_emb], lr=LR)
-        loss_fn = guider_fast.dbpr_loss if contender == GF_DENSE else naive_loss
+        loss_fn = guider_fast.dbpr_loss if contender == GF_DENSE else naive_dbpr_loss
 
         def one(b):
             optimizer.zero_grad(set_to_none=True)

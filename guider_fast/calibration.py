@@ -232,6 +232,11 @@ def calibrate_items(cache: ItemCalibration, u_code: torch.Tensor, items: torch.T
         checks.index_range("items", items, cache.n_items)
         checks.finite("u_code", u_code)
         checks.raise_if_any()
+    return _calibrate_items_unchecked(cache, u_code, items, threshold, backend)
+
+
+def _calibrate_items_unchecked(cache, u_code, items, threshold, backend):
+    # For callers that validated items against the cache already (GuiderLoss): no second check pass.
     _, impl = _dispatch.resolve("calibrate_items", backend, u_code.device, u_code.dtype)
     weights, clean, d, normalized = impl(cache, u_code, items.long(), float(threshold))
     return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)

@@ -9,8 +9,8 @@ from torch import nn
 
 from . import _dispatch
 from . import _validate as V
-from .calibration import (DISTANCES, Calibration, ItemCalibration, calibrate, calibrate_items,
-                          precompute_item_calibration)
+from .calibration import (DISTANCES, Calibration, ItemCalibration, _calibrate_items_unchecked,
+                          calibrate, precompute_item_calibration)
 from .dbpr import _check_dbpr, _dbpr_unchecked
 
 
@@ -223,8 +223,9 @@ class GuiderLoss(nn.Module):
                 if cache.n_items != item_emb.shape[0]:
                     raise ValueError(f"the item cache holds {cache.n_items} items but item_emb has "
                                      f"{item_emb.shape[0]} rows")
-                calibration = calibrate_items(cache, u_code, pos_items, threshold=self.threshold,
-                                              backend=self.backend)
+                # pos_items were range-checked with the DBPR inputs above.
+                calibration = _calibrate_items_unchecked(cache, u_code, pos_items, self.threshold,
+                                                         self.backend)
             else:
                 if text_feat is None or image_feat is None:
                     raise ValueError("text_feat and image_feat are required unless precompute_items() "

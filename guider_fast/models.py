@@ -99,15 +99,9 @@ class GraphRecommender(nn.Module):
         bound_i = (6.0 / (n_items + dim)) ** 0.5
         self.user_emb = nn.Parameter((torch.rand(n_users, dim, generator=generator) * 2 - 1) * bound_u)
         self.item_emb = nn.Parameter((torch.rand(n_items, dim, generator=generator) * 2 - 1) * bound_i)
+        # Non-persistent buffers: they follow .to(device) and stay out of checkpoints (rebuilt from data).
         self.register_buffer("adjacency", normalized_bipartite(train, n_users, n_items), persistent=False)
-        self.item_graph = item_graph
-
-    def _apply(self, fn, recurse=True):
-        # Keep the (non-persistent) sparse graphs on the parameters' device.
-        super()._apply(fn, recurse)
-        if self.item_graph is not None:
-            self.item_graph = fn(self.item_graph)
-        return self
+        self.register_buffer("item_graph", item_graph, persistent=False)
 
     def forward(self):
         ego = torch.cat([self.user_emb, self.item_emb])

@@ -179,6 +179,7 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
     log(data.summary())
 
     train_pairs = data.train.to(device)
+    valid_pairs, test_pairs = data.valid.to(device), data.test.to(device)
     exclude_valid = train_pairs
     exclude_test = torch.cat([data.train, data.valid]).to(device)
     item_graph = None
@@ -274,7 +275,7 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
             state.noise_counts = {"tp": tp, "fp": fp, "fn": fn, "flagged": flagged, "seen": n_train}
         record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds}
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            metrics = _evaluate(model, data.valid.to(device), exclude_valid, config.ks)
+            metrics = _evaluate(model, valid_pairs, exclude_valid, config.ks)
             record["valid"] = metrics
             if metrics[SELECT_METRIC] > state.best_metric:
                 state.best_metric, state.best_epoch, state.bad_evals = metrics[SELECT_METRIC], epoch, 0
@@ -307,9 +308,9 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         # The best epoch's validation metrics (the selection criterion), not re-evaluated.
-        "valid": best_valid if best_valid is not None else _evaluate(model, data.valid.to(device),
+        "valid": best_valid if best_valid is not None else _evaluate(model, valid_pairs,
                                                                       exclude_valid, config.ks),
-        "test": _evaluate(model, data.test.to(device), exclude_test, config.ks),
+        "test": _evaluate(model, test_pairs, exclude_test, config.ks),
         "seconds_per_epoch": (sum(state.epoch_seconds) / len(state.epoch_seconds)
                               if state.epoch_seconds else None),
         "peak_memory_mb": _peak_memory_mb(device),
@@ -328,7 +329,7 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
     if student is not None:
         if best_student is not None:
             student.load_state_dict(best_student)
-        result["student_test"] = _evaluate(student, data.test.to(device), exclude_test, config.ks)
+        result["student_test"] = _evaluate(student, test_pairs, exclude_test, config.ks)
     if config.metrics_json:
         with open(config.metrics_json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -204,20 +204,22 @@ def _finish(distance, candidate, partials, n_blocks, threshold):
     return weights, clean.view(torch.bool), distance, normalized
 
 
-def _row_block(batch: int) -> int:
-    return min(64, block_size(batch, floor=1))
+def _row_outputs(batch: int, device):
+    """Row block, block count, and the first launch's outputs: distance and clean-weight
+    candidate per row, min/max partials per block."""
+    block_r = min(64, block_size(batch, floor=1))
+    n_blocks = triton.cdiv(batch, block_r)
+    distance = torch.empty(batch, dtype=torch.float32, device=device)
+    candidate = torch.empty(batch, dtype=torch.float32, device=device)
+    partials = torch.empty(2 * n_blocks, dtype=torch.float32, device=device)
+    return block_r, n_blocks, distance, candidate, partials
 
 
 def calibrate_rows(t, v, u_code, t_code, v_code, threshold: float, euclidean: bool):
     """(weights, clean, distance, normalized) for (B, d) feature rows and (B, bits) hash outputs."""
     batch, dim = t.shape
     bits = u_code.shape[1]
-    device = t.device
-    block_r = _row_block(batch)
-    n_blocks = triton.cdiv(batch, block_r)
-    distance = torch.empty(batch, dtype=torch.float32, device=device)
-    candidate = torch.empty(batch, dtype=torch.float32, device=device)
-    partials = torch.empty(2 * n_blocks, dtype=torch.float32, device=device)
+    block_r, n_blocks, distance, candidate, partials = _row_outputs(batch, t.device)
     with on_device(t):
         _calibration_rows_kernel[(n_blocks,)](
             t, v, u_code, t_code, v_code, distance, candidate, partials,
@@ -236,12 +238,7 @@ def calibrate_cached(items, item_distance, u_code, text_sign, text_nonzero, imag
     batch = items.shape[0]
     bits = u_code.shape[1]
     words = text_sign.shape[1]
-    device = u_code.device
-    block_r = _row_block(batch)
-    n_blocks = triton.cdiv(batch, block_r)
-    distance = torch.empty(batch, dtype=torch.float32, device=device)
-    candidate = torch.empty(batch, dtype=torch.float32, device=device)
-    partials = torch.empty(2 * n_blocks, dtype=torch.float32, device=device)
+    block_r, n_blocks, distance, candidate, partials = _row_outputs(batch, u_code.device)
     with on_device(u_code):
         _calibration_cached_kernel[(n_blocks,)](
             items, item_distance, u_code, text_sign, text_nonzero, image_sign, image_nonzero,

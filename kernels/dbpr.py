@@ -65,6 +65,21 @@ def _load_rows(table_ptr, index, ok, feats, feat_ok, stride_row, stride_col):
 
 
 @triton.jit
+def _load_triplet_block(users_ptr, pos_ptr, user_ptr, batch, dim, stride_ur, stride_uc,
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of triplets: (triplet ids, their mask, feature lanes, their mask,
+    user ids, positive ids, the user rows as float32)."""
+    trip = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ok = trip < batch
+    feats = tl.arange(0, BLOCK_D)
+    feat_ok = feats < dim
+    users = tl.load(users_ptr + trip, mask=ok, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + trip, mask=ok, other=0).to(tl.int64)
+    u = _load_rows(user_ptr, users, ok, feats, feat_ok, stride_ur, stride_uc)
+    return trip, ok, feats, feat_ok, users, pos, u
+
+
+@triton.jit
 def _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS: tl.constexpr,
                      ROWS: tl.constexpr):
     """(w_b, c_b = w_b scale / K) of the triplets ``trip`` (w = 1 without weights)."""
@@ -85,14 +100,9 @@ def _dbpr_forward_kernel(
     HAS_WEIGHTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per block of triplets: margins (B, K), coefficients G (B, K+1), terms and mean logsigmoids."""
-    trip = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ok = trip < batch
-    feats = tl.arange(0, BLOCK_D)
-    feat_ok = feats < dim
-    u = _load_rows(user_ptr, tl.load(users_ptr + trip, mask=ok, other=0), ok, feats, feat_ok,
-                   stride_ur, stride_uc)
-    p = _load_rows(item_ptr, tl.load(pos_ptr + trip, mask=ok, other=0), ok, feats, feat_ok,
-                   stride_ir, stride_ic)
+    trip, ok, feats, feat_ok, _, pos, u = _load_triplet_block(
+        users_ptr, pos_ptr, user_ptr, batch, dim, stride_ur, stride_uc, BLOCK_B, BLOCK_D)
+    p = _load_rows(item_ptr, pos, ok, feats, feat_ok, stride_ir, stride_ic)
     pos_score = tl.sum(u * p, axis=1)
     squares = tl.sum(u * u, axis=1) + tl.sum(p * p, axis=1)
     w, c = _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS, BLOCK_B)
@@ -125,14 +135,9 @@ def _dbpr_scatter_kernel(
     """Backward per block of triplets: atomically add row gradients into dense float32
     tables, or (PER_OCCURRENCE) store one gradient row per occurrence (sparse COO values:
     users in triplet order; items positives first, then negatives in (b, k) order)."""
-    trip = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ok = trip < batch
-    feats = tl.arange(0, BLOCK_D)
-    feat_ok = feats < dim
+    trip, ok, feats, feat_ok, users, pos, u = _load_triplet_block(
+        users_ptr, pos_ptr, user_ptr, batch, dim, stride_ur, stride_uc, BLOCK_B, BLOCK_D)
     mask = ok[:, None] & feat_ok[None, :]
-    users = tl.load(users_ptr + trip, mask=ok, other=0).to(tl.int64)
-    pos = tl.load(pos_ptr + trip, mask=ok, other=0).to(tl.int64)
-    u = _load_rows(user_ptr, users, ok, feats, feat_ok, stride_ur, stride_uc)
     grad_rows = tl.load(grad_rows_ptr + trip * stride_gr, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(coef_ptr + trip * (k_neg + 1), mask=ok, other=0.0) * grad_rows
     d_user = g[:, None] * _load_rows(item_ptr, pos, ok, feats, feat_ok, stride_ir, stride_ic)
@@ -170,14 +175,9 @@ def _dbpr_atomic_sgd_kernel(
     """One-pass SGD step: score a block of triplets, then atomically add ``-lr * grad`` to
     their rows (float32 tables).  Rows are read once, before this block writes; blocks
     that share rows may see each other's updates (Hogwild)."""
-    trip = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ok = trip < batch
-    feats = tl.arange(0, BLOCK_D)
-    feat_ok = feats < dim
+    trip, ok, feats, feat_ok, users, pos, u = _load_triplet_block(
+        users_ptr, pos_ptr, user_ptr, batch, dim, stride_ur, stride_uc, BLOCK_B, BLOCK_D)
     mask = ok[:, None] & feat_ok[None, :]
-    users = tl.load(users_ptr + trip, mask=ok, other=0).to(tl.int64)
-    pos = tl.load(pos_ptr + trip, mask=ok, other=0).to(tl.int64)
-    u = _load_rows(user_ptr, users, ok, feats, feat_ok, stride_ur, stride_uc)
     p = _load_rows(item_ptr, pos, ok, feats, feat_ok, stride_ir, stride_ic)
     pos_score = tl.sum(u * p, axis=1)
     squares = tl.sum(u * u, axis=1) + tl.sum(p * p, axis=1)
