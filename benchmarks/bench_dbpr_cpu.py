@@ -3,10 +3,8 @@ against dense autograd, torch.compile, sparse embeddings and ``implicit``'s BPR.
 
 Run (from the repository root; ~2-3 min):
 
-    /work/venv/bin/pytest benchmarks/bench_dbpr_cpu.py --benchmark-only \\
-        --benchmark-columns=min,median,mean,rounds --benchmark-json benchmarks/results_dbpr_cpu.json
-    /work/venv/bin/python benchmarks/dbpr_contenders.py report benchmarks/results_dbpr_cpu.json \\
-        > benchmarks/results_dbpr_cpu.md
+    python -m pytest benchmarks/bench_dbpr_cpu.py --benchmark-only --benchmark-json dbpr.json
+    python benchmarks/report.py add dbpr.json --run dbpr_cpu_YYYY-MM-DD   # rows + tables/<run>.md
 
 One pytest-benchmark group per shape (``dbpr_contenders.SHAPES``), so each group
 compares the contenders side by side; each contender first takes one untimed
@@ -58,7 +56,7 @@ def measure_step(benchmark):
                          ids=[f"{s.name}-{c.replace(' ', '_')}" for s, c in CASES])
 def test_dbpr_step(measure_step, shape, contender):
     if shape.n_users == 0:
-        pytest.skip(f"{shape.graph} interactions not found under {C.DATA_DIR}")
+        pytest.skip(f"{shape.graph} interactions not found (set GUIDER_DATA; now {C.DATA_DIR})")
     if contender == C.IMPLICIT:
         try:
             import implicit.cpu.bpr  # noqa: F401

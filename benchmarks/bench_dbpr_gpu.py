@@ -1,11 +1,12 @@
-"""GPU side-by-side of DBPR (fwd+bwd, fused step) and AMSC calibration: issue #4's matrix.
+"""GPU side-by-side of DBPR (fwd+bwd, fused step) and AMSC calibration.
 
-    python benchmarks/bench_dbpr_gpu.py --json OUT.json --md OUT.md [--summary OUT.md]
-                                        [--budget SECONDS] [--smoke]
+    python benchmarks/bench_dbpr_gpu.py --results OUT.jsonl --md OUT.md [--summary OUT.md]
+                                        [--json OUT.json] [--budget SECONDS] [--smoke] [--plan]
 
-Sections, each run in its own worker process (a kernel that breaks the CUDA context
-costs the rest of its section only: the parent restarts the section without the
-contender that broke it), each with a time budget (unused time carries forward):
+Runs under the one runner (``runner.py``): each section in its own worker process (a
+kernel that breaks the CUDA context costs the rest of its section only), a time budget
+shared by the sections (unused time carries forward), the rows measured so far kept when
+the script is killed (SIGTERM).  Sections:
 
 * ``copy``: device copy bandwidth of a 1 GiB float32 tensor (bytes read + written),
   the ceiling the fractions below are measured against.
@@ -17,7 +18,7 @@ contender that broke it), each with a time budget (unused time carries forward):
   d = 64, bits = 64; GB/s of input bytes.
 * ``huge``: dbpr_step with a 10^7-row item table at B = 2^20, D = 64 and 256.
 
-Floors (bytes that must move per triplet, as issue #4 defines them): the step reads and
+Floors (bytes that must move per triplet): the step reads and
 writes K+2 rows (+ K+2 float32 accumulators read and written for row-wise Adagrad);
 fwd+bwd reads K+2 rows and writes K+2 gradient rows; both read K+2 int64 indices and
 one float32 weight.  Duplicate rows are counted every time (an upper bound on what a
@@ -25,7 +26,8 @@ kernel must move; small tables can run above 100 % through L2).  Dense-gradient
 contenders also zero-fill whole gradient tables (``dense_zero_bytes`` in the JSON, not
 in the floor).  GB/s = floor bytes / median time; "% copy" = GB/s / the measured copy
 bandwidth.  ratio = contender ms / base ms (the triton contender named in ``BASES``): above 1,
-the base (guider_fast triton) is faster.
+the base (guider_fast triton) is faster.  The naive and hand-derived contenders are
+``baselines.naive_dbpr_loss`` and ``baselines.hand_derived_*``.
 
 Times: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed between runs) with
 the 20th/80th percentiles; the first call (compilation included) is timed apart.  Every
@@ -40,21 +42,17 @@ aot_eager backend) to check the script itself.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import math
-import os
 import platform
-import signal
-import subprocess
 import sys
-import time
-import traceback
 
 import torch
-import torch.nn.functional as F
 
 import guider_fast as gf
+import runner
+from baselines import (compile_hand_derived, hand_derived_fwd_bwd, hand_derived_step, naive_dbpr_loss,
+                       relative_error)
+from guider_fast import bench
+from runner import Env, cleanup, describe, first_call, free_bytes, timed
 
 # ----------------------------------------------------------------------------- sizes
 
@@ -63,7 +61,7 @@ BIG = ("100kx1M", 100_000, 1_000_000)
 HUGE = ("100kx10M", 100_000, 10_000_000)
 MI = 1 << 20
 
-# (B, D, tables, K) in priority order: the issue's two targets first.
+# (B, D, tables, K) in priority order: the two target configurations first.
 DBPR_CONFIGS = [
     (65_536, 64, BABY, 1), (MI, 64, BIG, 1), (MI, 256, BIG, 1), (65_536, 64, BIG, 1),
     (MI, 64, BABY, 1), (65_536, 256, BABY, 1), (65_536, 256, BIG, 1), (MI, 256, BABY, 1),
@@ -92,11 +90,6 @@ CHECK_CLONE_LIMIT = 3 << 30  # clone tables for the step check only below this s
 MEM_HEADROOM = 0.85  # use at most this share of the free device memory
 
 
-class Env:
-    smoke = False
-    device = torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------- problems
 
 class Problem:
@@ -123,7 +116,7 @@ class Problem:
 
 
 def floor_bytes(p: Problem, mode: str, elem: int, accumulators: bool = False) -> int:
-    """Issue #4's per-batch floor: K+2 rows read and K+2 rows (or grad rows) written."""
+    """The per-batch floor: K+2 rows read and K+2 rows (or grad rows) written."""
     rows = p.k + 2
     per = 2 * rows * p.dim * elem + rows * 8 + 4
     if accumulators:
@@ -133,56 +126,14 @@ def floor_bytes(p: Problem, mode: str, elem: int, accumulators: bool = False) ->
 
 # ----------------------------------------------------------------------------- contenders
 
-def naive_loss(U, I, users, pos, neg, w, sparse=False):
-    """Plain torch: gather, mul, sum, logsigmoid, weights, mean (autograd does the rest)."""
-    if sparse:
-        u, p, n = (F.embedding(users, U, sparse=True), F.embedding(pos, I, sparse=True),
-                   F.embedding(neg, I, sparse=True))
-    else:
-        u, p, n = U[users], I[pos], I[neg]
-    x = (u * p).sum(-1, keepdim=True) - (u.unsqueeze(1) * n).sum(-1)
-    return -(w * F.logsigmoid(x).mean(1)).mean()
-
-
-def _hand_grads(U, I, users, pos, neg, w):
-    """Hand-derived DBPR forward and per-occurrence gradients (mean reduction)."""
-    batch, k = neg.shape
-    u, p, n = U[users], I[pos], I[neg]
-    x = (u * p).sum(-1, keepdim=True) - (u.unsqueeze(1) * n).sum(-1)
-    loss = -(w * F.logsigmoid(x).mean(1)).mean()
-    s = torch.sigmoid(-x) * (w / (batch * k)).unsqueeze(1)      # -dL/dx
-    s_total = s.sum(1, keepdim=True)
-    d_u = (s.unsqueeze(2) * n).sum(1) - s_total * p
-    d_p = -s_total * u
-    d_n = s.unsqueeze(2) * u.unsqueeze(1)
-    return loss, d_u, d_p, d_n
-
-
-def hand_fwd_bwd(U, I, users, pos, neg, w):
-    loss, d_u, d_p, d_n = _hand_grads(U, I, users, pos, neg, w)
-    g_u = torch.zeros_like(U).index_add_(0, users, d_u)
-    g_i = torch.zeros_like(I).index_add_(0, pos, d_p).index_add_(0, neg.reshape(-1),
-                                                                   d_n.reshape(-1, U.shape[1]))
-    return loss, g_u, g_i
-
-
-def hand_step(U, I, users, pos, neg, w, lr):
-    """SGD in place: index_add_ sums duplicates exactly like dense grad + SGD."""
-    loss, d_u, d_p, d_n = _hand_grads(U, I, users, pos, neg, w)
-    U.index_add_(0, users, d_u * -lr)
-    I.index_add_(0, pos, d_p * -lr)
-    I.index_add_(0, neg.reshape(-1), (d_n * -lr).reshape(-1, U.shape[1]))
-    return loss
-
-
 _COMPILED = {}
 
 
 def compiled(fn):
     if fn not in _COMPILED:
         # dynamic=True: one graph for every B, D and table size (no recompiles across configs).
-        backend = "aot_eager" if Env.smoke else "inductor"
-        _COMPILED[fn] = torch.compile(fn, dynamic=True, backend=backend)
+        _COMPILED[fn] = compile_hand_derived(fn, dynamic=True,
+                                             backend="aot_eager" if Env.smoke else "inductor")
     return _COMPILED[fn]
 
 
@@ -201,14 +152,14 @@ def fb_guider(backend, **kw):
 def fb_naive(sparse):
     def run(p):
         U, I = _leaves(p)
-        loss = naive_loss(U, I, p.users, p.pos, p.neg, p.w, sparse=sparse)
+        loss = naive_dbpr_loss(U, I, p.users, p.pos, p.neg, p.w, sparse=sparse)
         return (loss,) + torch.autograd.grad(loss, (U, I))
     return run
 
 
 def fb_compiled(p):
     with torch.no_grad():
-        return compiled(hand_fwd_bwd)(p.U, p.I, p.users, p.pos, p.neg, p.w)
+        return compiled(hand_derived_fwd_bwd)(p.U, p.I, p.users, p.pos, p.neg, p.w)
 
 
 # name -> (run(problem) -> (loss, grad_U, grad_I), gradient layout: dense tables or sparse)
@@ -243,7 +194,7 @@ def st_naive(sparse, optimizer):
 
         def fn():
             opt.zero_grad(set_to_none=True)
-            loss = naive_loss(Ul, Il, p.users, p.pos, p.neg, p.w, sparse=sparse)
+            loss = naive_dbpr_loss(Ul, Il, p.users, p.pos, p.neg, p.w, sparse=sparse)
             loss.backward()
             opt.step()
             return loss
@@ -253,7 +204,7 @@ def st_naive(sparse, optimizer):
 
 def st_compiled(p, U, I, lr):
     lr_t = torch.tensor(lr, device=U.device)  # a tensor: no recompile for another lr
-    step = compiled(hand_step)
+    step = compiled(hand_derived_step)
 
     def fn():
         with torch.no_grad():
@@ -286,83 +237,7 @@ HUGE_STEP = ("dbpr_step triton sgd", "dbpr_step triton sgd atomic", "dbpr_step t
              "naive torch autograd + SGD")
 
 
-# ----------------------------------------------------------------------------- timing
-
-def sync():
-    if Env.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def first_call(fn):
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
-
-
-def timed(fn):
-    """(p20, p50, p80) ms and peak MB above the memory in use before."""
-    if Env.device.type != "cuda":
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
-        return times[0], times[1], times[2], float("nan")
-    import triton.testing
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    q = triton.testing.do_bench(fn, warmup=5, rep=30, quantiles=[0.2, 0.5, 0.8])
-    return q[0], q[1], q[2], (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def free_bytes():
-    if Env.device.type != "cuda":
-        return float("inf")
-    gc.collect()
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info()[0]
-
-
-def cleanup():
-    gc.collect()
-    if Env.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def context_broken(exc) -> bool:
-    """A sticky CUDA error (illegal address, launch failure) poisons every later launch."""
-    if Env.device.type != "cuda":
-        return False
-    text = str(exc)
-    if "illegal" in text or "unspecified launch failure" in text or "misaligned" in text:
-        return True
-    try:
-        torch.cuda.synchronize()
-        torch.empty(1, device="cuda").add_(1)
-        torch.cuda.synchronize()
-        return False
-    except Exception:
-        return True
-
-
-def describe(exc) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-
-
 # ----------------------------------------------------------------------------- checks
-
-def _rel(got, want):
-    got, want = got.double(), want.double()
-    if not bool(torch.isfinite(got).all()):
-        return float("inf")
-    scale = want.abs().max().item() or 1.0
-    return (got - want).abs().max().item() / scale
-
 
 def _fwd_bwd_error(out, ref):
     """max over loss and both gradients of max|got - ref| / max|ref|."""
@@ -370,7 +245,7 @@ def _fwd_bwd_error(out, ref):
     for got, want in zip(out, ref):
         if got.is_sparse:
             got = got.to_dense()
-        errs.append(_rel(got, want))
+        errs.append(relative_error(got, want))
     return max(errs)
 
 
@@ -391,56 +266,7 @@ def _step_error(tables, ref_tables, start_tables, rows):
 
 # ----------------------------------------------------------------------------- worker
 
-class Worker:
-    def __init__(self, section, rows_path, deadline, exclude):
-        self.section, self.rows_path, self.deadline = section, rows_path, deadline
-        self.exclude = set(exclude)
-        self.done = set()
-        if os.path.exists(rows_path):
-            with open(rows_path) as src:
-                for line in src:
-                    row = json.loads(line)
-                    self.done.add((row["config"], row["mode"], row["contender"]))
-
-    def left(self):
-        return self.deadline - time.time()
-
-    def emit(self, row):
-        row["section"] = self.section
-        with open(self.rows_path, "a") as sink:
-            sink.write(json.dumps(row, default=str) + "\n")
-        brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                 if k in ("config", "mode", "contender", "ms", "check", "first_s", "skipped", "error")}
-        print(f"[{self.section} {time.strftime('%H:%M:%S')}] {brief}", flush=True)
-
-    def todo(self, base, name):
-        """None to run, else a reason to skip (already emitted rows are silently skipped)."""
-        key = (base["config"], base["mode"], name)
-        if key in self.done:
-            return "done"
-        if name in self.exclude:
-            return "excluded: broke the CUDA context in an earlier run of this section"
-        if self.left() < (0.3 if Env.smoke else 1.5):
-            return "section time budget exhausted"
-        return None
-
-    def attempt(self, row, body):
-        """Run body(row) (fills row); errors go into the row; exit 3 on a broken context."""
-        try:
-            body(row)
-        except Exception as exc:  # a contender that fails is reported, never fatal
-            row["error"] = describe(exc)
-            if os.environ.get("BENCH_TRACEBACK"):
-                traceback.print_exc()
-            broken = context_broken(exc)
-            row.pop("_keep", None)
-            cleanup()
-            if broken:
-                row["broke_context"] = True
-                self.emit(row)
-                sys.exit(3)
-        self.emit(row)
-
+class Worker(runner.Worker):
     # ---- copy bandwidth
     def run_copy(self):
         base = dict(config=f"{COPY_ELEMS if not Env.smoke else SMOKE_COPY} float32", mode="copy",
@@ -454,7 +280,8 @@ class Worker:
             dst = torch.empty_like(src)
             row["bytes"] = 2 * n * 4
             first_call(lambda: dst.copy_(src))
-            row["p20"], row["ms"], row["p80"], _ = timed(lambda: dst.copy_(src))
+            row.update(timed(lambda: dst.copy_(src)))
+            row.pop("peak_mb", None)
             row["copy_gbps"] = row["bytes"] / row["ms"] / 1e6
         self.attempt(dict(base), body)
 
@@ -519,7 +346,7 @@ class Worker:
                 out, row["first_s"] = first_call(lambda: run(p))
                 row["check"] = _fwd_bwd_error(out, ref) if isinstance(ref, tuple) else None
                 del out
-                row["p20"], row["ms"], row["p80"], row["peak_mb"] = timed(lambda: run(p))
+                row.update(timed(lambda: run(p)))
             self.attempt(row, body)
         del ref
         cleanup()
@@ -573,7 +400,7 @@ class Worker:
                 else:
                     fn, _ = build(p, p.U, p.I, LR_TIME)
                     _, row["first_s"] = first_call(fn)
-                row["p20"], row["ms"], row["p80"], row["peak_mb"] = timed(fn)
+                row.update(timed(fn))
             self.attempt(row, body)
             cleanup()
         del refs, start
@@ -665,9 +492,10 @@ def _calibration_body(fn, ref):
     def body(row):
         out, row["first_s"] = first_call(fn)
         if not isinstance(ref, str):
-            row["check"] = max(_rel(out.weights, ref.weights), _rel(out.distance, ref.distance))
+            row["check"] = max(relative_error(out.weights, ref.weights),
+                               relative_error(out.distance, ref.distance))
             row["clean_mismatches"] = int((out.clean != ref.clean).sum())
-        row["p20"], row["ms"], row["p80"], row["peak_mb"] = timed(fn)
+        row.update(timed(fn))
     return body
 
 
@@ -687,7 +515,6 @@ def _cache_row_bytes(cache, n_items):
 
 
 def worker_main(args):
-    Env.device = torch.device("cpu" if Env.smoke else "cuda")
     gf.set_checks(False)  # production setting: no value-check syncs
     worker = Worker(args.worker, args.rows, args.deadline, args.exclude)
     if args.worker == "copy":
@@ -702,70 +529,10 @@ def worker_main(args):
 
 # ----------------------------------------------------------------------------- parent
 
-class Stop(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise Stop()
-
-
-def run_sections(args, rows_path):
-    start = time.time()
-    carry = 0.0
-    log = []
-    for section, share in SECTIONS:
-        if args.sections and section not in args.sections:
-            continue
-        section_start = time.time()
-        deadline = section_start + share * args.budget + carry
-        deadline = min(deadline, start + args.budget)
-        exclude = []
-        for attempt in range(3):
-            left = deadline - time.time()
-            if left < 1:
-                break
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", section, "--rows", rows_path,
-                   "--deadline", str(deadline)] + (["--smoke"] if Env.smoke else [])
-            for name in exclude:
-                cmd += ["--exclude", name]
-            proc = subprocess.Popen(cmd)
-            try:
-                rc = proc.wait(timeout=left + 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                rc = "killed at the section budget"
-            except Stop:  # SIGTERM (device_check's timeout): keep what was measured
-                proc.kill()
-                proc.wait()
-                log.append(dict(section=section, attempt=attempt, rc="stopped by SIGTERM"))
-                return log
-            log.append(dict(section=section, attempt=attempt, rc=rc))
-            if rc != 3:
-                break
-            broke = [r["contender"] for r in _read_rows(rows_path)
-                     if r.get("section") == section and r.get("broke_context")]
-            exclude = sorted(set(broke))
-        carry = max(0.0, deadline - time.time())
-    return log
-
-
-def _read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as src:
-        return [json.loads(line) for line in src if line.strip()]
-
-
 def derive(rows):
-    """Add triplets/s, GB/s, % of copy bandwidth and ratios to the base contender."""
+    """Add triplets/s, GB/s and % of copy bandwidth; returns the copy bandwidth (GB/s) or None."""
     copy = [r["copy_gbps"] for r in rows if "copy_gbps" in r]
     copy_gbps = copy[0] if copy else None
-    base = {}
-    for r in rows:
-        if "ms" in r and r.get("contender") in BASES:
-            base[(r["section"], r["config"], r["mode"])] = r["ms"]
     for r in rows:
         if "ms" not in r or r.get("mode") == "copy":
             continue
@@ -776,15 +543,28 @@ def derive(rows):
             r["gbps"] = moved / r["ms"] / 1e6
             if copy_gbps:
                 r["copy_fraction"] = r["gbps"] / copy_gbps
-        b = base.get((r["section"], r["config"], r["mode"]))
-        if b:
-            r["ratio"] = r["ms"] / b
     return copy_gbps
 
 
-# ratio = ms / the ms of this contender of the same section, config and mode (no ratio
-# where it did not run).
+# The base of each group (ratio = ms / its ms); no ratio where it did not run.
 BASES = ("guider_fast triton", "dbpr_step triton sgd", "calibrate triton", "calibrate_items triton")
+OPS = {"fwd+bwd": "dbpr_loss fwd+bwd", "step": "dbpr_step"}
+LONG_KEYS = ("config", "mode", "contender", "ms", "min_ms", "skipped", "error", "section")
+
+
+def long_row(r, device):
+    """A worker row -> the results layout (times in seconds; the rest under extra)."""
+    row = dict(op=OPS.get(r.get("mode"), r.get("mode")), contender=r.get("contender"), shape=r.get("config"),
+               dtype="bfloat16" if "bf16" in str(r.get("contender")) else "float32", device=device,
+               median=r["ms"] / 1e3 if "ms" in r else None,
+               min=r["min_ms"] / 1e3 if "min_ms" in r else None,
+               group=f"{r.get('config')} | {r.get('mode')}", mode=r.get("mode"), timer="device" if Env.device.type == "cuda" else "host",
+               baseline=r.get("contender") in BASES, section=r.get("section"))
+    for key in ("skipped", "error"):
+        if r.get(key):
+            row[key] = r[key]
+    row["extra"] = {k: v for k, v in r.items() if k not in LONG_KEYS}
+    return row
 
 
 def _find(rows, mode, contender, pred):
@@ -818,85 +598,18 @@ def targets(rows):
     return lines
 
 
-def _fmt(x, spec):
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def table(rows):
-    lines = ["| config | mode | contender | ms p50 [p20, p80] | M trip/s | GB/s | % copy | ratio | "
-             "check | first s | peak MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if r.get("mode") == "copy":
-            continue
-        head = f"| {r['config']} | {r['mode']} | {r['contender']} |"
-        if "ms" not in r:
-            why = r.get("error") or r.get("skipped") or "?"
-            lines.append(f"{head} {'FAILED' if 'error' in r else 'skipped'}: {why[:160]} | | | | | | | |")
-            continue
-        trip = r.get("triplets_per_s")
-        check = r.get("check")
-        check_s = "" if check is None else f"{check:.1e}"
-        if r.get("clean_mismatches"):
-            check_s += f" ({r['clean_mismatches']} clean flips)"
-        lines.append(
-            f"{head} {r['ms']:.4f} [{r['p20']:.4f}, {r['p80']:.4f}] | "
-            f"{_fmt(trip / 1e6 if trip else None, '.1f')} | {_fmt(r.get('gbps'), '.0f')} | "
-            f"{_fmt(100 * r['copy_fraction'] if 'copy_fraction' in r else None, '.0f')} | "
-            f"{_fmt(r.get('ratio'), '.2f')} | {check_s} | {_fmt(r.get('first_s'), '.2f')} | "
-            f"{_fmt(r.get('peak_mb'), '.0f')} |")
-    return lines
-
-
 def header(copy_gbps, env):
     copy = f"{copy_gbps:.0f} GB/s" if copy_gbps else "not measured"
     return [f"{env}", "",
             f"Measured copy bandwidth (1 GiB float32 copy_, read + written): **{copy}**. "
             "GB/s = floor bytes / median; ratio = ms / the guider_fast triton (sgd) ms of the same config and "
             "mode; check = max error relative to the reference (fwd+bwd: guider_fast torch, step: "
-            "dbpr_step torch of the same optimizer and table dtype, one step at lr 0.05 B on cloned tables, error / largest update (bf16: includes one bf16 rounding of the rows); "
+            "dbpr_step torch of the same optimizer and table dtype, one step at lr 0.05 B on cloned tables, "
+            "error / largest update (bf16: includes one bf16 rounding of the rows); "
             "calibration: torch on the same or gathered rows)."]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json")
-    parser.add_argument("--md")
-    parser.add_argument("--summary", help="write the targets and the key configuration here too")
-    parser.add_argument("--budget", type=float, default=135.0,
-                        help="seconds for all sections together (default 135)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, TRITON_INTERPRET=1")
-    parser.add_argument("--sections", nargs="*", help="only these of copy dbpr calib huge")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--rows", help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--exclude", action="append", default=[], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    Env.smoke = args.smoke
-    # Before triton is first imported (it reads the switch once).
-    if Env.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 ignored: this benchmark times the compiled kernels", flush=True)
-        os.environ["TRITON_INTERPRET"] = "0"
-    if args.worker:
-        worker_main(args)
-        return
-    if not Env.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench_dbpr_gpu.py needs a CUDA device (or --smoke)")
-    if Env.smoke and args.budget == 135.0:
-        args.budget = 600.0
-    rows_path = (args.json or "/tmp/bench_dbpr_gpu.json") + ".rows.jsonl"
-    if os.path.exists(rows_path):
-        os.remove(rows_path)
-    started = time.time()
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        log = run_sections(args, rows_path)
-    except Stop:
-        log = ["stopped by SIGTERM"]
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    rows = _read_rows(rows_path)
-    copy_gbps = derive(rows)
+def environment():
     if Env.smoke:
         env = f"SMOKE (CPU, TRITON_INTERPRET=1, tiny sizes): numbers are meaningless; torch {torch.__version__}"
     else:
@@ -908,28 +621,62 @@ def main():
         env += f", triton {triton.__version__}"
     except ImportError:
         pass
-    goal = targets(rows)
-    md = ["# DBPR and calibration on the GPU (issue #4)", ""] + header(copy_gbps, env) + [
-        "", "## Targets", ""] + (goal or ["- not measured"]) + [
-        "", "## All rows (priority order)", ""] + table(rows) + [
-        "", f"Sections: {log}; total {time.time() - started:.0f} s."]
-    text = "\n".join(md)
-    key = [r for r in rows if r.get("config", "").startswith("B=65,536 D=64 K=1 Baby")
-           or (r.get("mode") == "step" and r.get("contender") == "dbpr_step triton sgd")]
-    summary = "\n".join(["# DBPR summary"] + header(copy_gbps, env) + [""] + (goal or ["- not measured"]) +
-                        [""] + table(key))
-    if args.json:
-        with open(args.json, "w") as sink:
-            json.dump(dict(env=env, copy_gbps=copy_gbps, sections=log, rows=rows), sink, indent=1,
-                      default=str)
-    if args.md:
-        with open(args.md, "w") as sink:
-            sink.write(text + "\n")
-    if args.summary:
-        with open(args.summary, "w") as sink:
-            sink.write(summary + "\n")
-    print(summary)
+    return env
+
+
+def plan():
+    lines = [f"sections (share of --budget): {', '.join(f'{n} {s:.0%}' for n, s in SECTIONS)}",
+             f"dbpr configs (B, D, tables, K), priority order: "
+             f"{[(b, d, t[0], k) for b, d, t, k in DBPR_CONFIGS]}",
+             f"fwd+bwd contenders: {list(FWD_BWD)}", f"step contenders: {list(STEP)}",
+             f"huge: {[(b, d, t[0], k) for b, d, t, k in HUGE_CONFIGS]} x {list(HUGE_STEP)}",
+             f"calib batches: {CALIB_BATCHES}, items: {[t[0] for t in CALIB_ITEMS]}"]
+    return "\n".join(lines)
+
+
+def finish(args):
+    def done(rows, log):
+        import report
+
+        copy_gbps = derive(rows)
+        env = environment()
+        device = runner.device_name()
+        long = runner.stamp([long_row(r, device) for r in rows if r.get("mode") != "copy" or "ms" in r])
+        goal = targets(rows)
+        tables = report.render(long, title="DBPR and calibration on the GPU", summary=False)
+        md = "\n".join(["# DBPR and calibration on the GPU", ""] + header(copy_gbps, env) + [
+            "", "## Targets", ""] + (goal or ["- not measured"]) + ["", "## All rows", "",
+                                                                     tables, "", f"Sections: {log}."])
+        key = [r for r in long if str(r.get("shape", "")).startswith("B=65,536 D=64 K=1 Baby")
+               or (r.get("mode") == "step" and r.get("contender") == "dbpr_step triton sgd")]
+        summary = "\n".join(["# DBPR summary"] + header(copy_gbps, env) + [""] + (goal or ["- not measured"])
+                             + ["", report.render(key, title="Key rows", summary=False) if key else ""])
+        runner.write_outputs(args, __file__, long, env, log, md, extra=dict(copy_gbps=copy_gbps))
+        if args.summary:
+            with open(args.summary, "w") as sink:
+                sink.write(summary + "\n")
+        print(summary)
+    return done
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runner.add_arguments(parser, default_budget=135.0)
+    parser.add_argument("--summary", help="write the targets and the key configuration here too")
+    args = parser.parse_args()
+    runner.setup(args)
+    if args.plan:
+        print(plan())
+        return 0
+    if not args.worker and not Env.smoke and not torch.cuda.is_available():
+        print("bench_dbpr_gpu.py: no CUDA device here; nothing measured (--smoke runs tiny sizes on CPU, "
+              "--plan prints the matrix)", file=sys.stderr)
+        return 2
+    if Env.smoke and args.budget == 135.0:
+        args.budget = 600.0
+    runner.main(args, __file__, SECTIONS, worker_main, finish(args))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

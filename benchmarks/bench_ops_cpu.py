@@ -5,33 +5,35 @@ Run:  pytest benchmarks/bench_ops_cpu.py --benchmark-only
 * ``dbpr_loss`` forward+backward at Amazon Baby sizes (19,445 users x 7,050
   items, D = 64) on a 65,536-triplet batch, with one and with K = 5 negatives
   per triplet, against the naive autograd version.
-* ``calibrate`` on 64-d rows, against GUIDER's reference path: a GeomLoss
+* ``calibrate`` on 64-d rows, against GUIDER's reference path
+  (``baselines.reference_calibrate``): a GeomLoss
   ``SamplesLoss("sinkhorn", p=1, blur=0.1)`` distance on one-point clouds,
   then min-max normalisation, threshold and sign-code weights.
 * ``GuiderLoss`` (calibration + DBPR) forward+backward on a GUIDER batch of
   2,048 triplets with 384-d text and 4,096-d image item features, in its
   per-batch-projection and frozen-item (``precompute_items``) modes, against a
-  naive GUIDER step built from the same ``nn.Linear`` layers.
+  naive GUIDER step built from the same ``nn.Linear`` layers
+  (``baselines.reference_guider_step``).  The naive DBPR is ``baselines.naive_dbpr_loss``.
 
 guider_fast runs with its value checks (NaN/Inf, index range) on by default;
 each group also times it with ``guider_fast.set_checks(False)``, because on
 CPU those checks are a visible part of the cost.
 
 At these sizes page faults on fresh temporaries weigh as much as the
-arithmetic, and they depend on the allocator's state (RESULTS.md, "Page
+arithmetic, and they depend on the allocator's state (results/RESULTS.md, "Page
 faults"); ``interleaved_ops.py`` re-times the large groups round-robin with the
-builders below (``checked_dbpr_batches``, ``checked_calibration_inputs``,
+builders below (``checked_dbpr_batch_for``, ``checked_calibration_inputs_for``,
 ``checked_guider_problem``).
 """
 
 from __future__ import annotations
 
-import geomloss
 import pytest
 import torch
-import torch.nn.functional as F
 
 import guider_fast
+from baselines import (CALIBRATION_THRESHOLD as THRESHOLD, assert_close, naive_dbpr_loss,
+                       reference_calibrate, reference_guider_step)
 
 # Amazon Baby, as preprocessed for GUIDER.
 N_USERS, N_ITEMS, EMBED_DIM = 19_445, 7_050, 64
@@ -39,7 +41,6 @@ DBPR_BATCH = 65_536
 DBPR_NEGATIVES = (1, 5)
 CALIBRATION_BATCHES = (2_048, 65_536)
 FEATURE_DIM, HASH_BITS = 64, 64
-THRESHOLD = 0.7
 
 DBPR_ROUNDS = {1: 50, 5: 20}
 CALIBRATION_ROUNDS = {2_048: 300, 65_536: 40}
@@ -47,6 +48,24 @@ CALIBRATION_ROUNDS = {2_048: 300, 65_536: 40}
 
 def _generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def checked():
+    """``checked(build, key)``: ``build(key)`` (inputs cross-checked inside), once per module."""
+    caches = {}
+
+    def get(build, key):
+        return caches.setdefault(build, checked_once(build))(key)
+
+    return get
+
+
+def measure_contender(measure, run, contender, **info):
+    """Time ``run`` as ``contender`` (the checks-off variant with the value checks off)."""
+    if contender == "guider_fast (checks off)":
+        run = without_value_checks(run)
+    measure(run, contender=contender, baseline=contender == "guider_fast", **info)
 
 
 def without_value_checks(fn):
@@ -62,30 +81,21 @@ def without_value_checks(fn):
     return run
 
 
-def _assert_close(name, actual, expected, rtol=1e-5):
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().item()
-    error = (actual - expected).abs().max().item()
-    assert error <= rtol * max(scale, 1e-30), f"{name}: max abs difference {error:.3g} (scale {scale:.3g})"
+def checked_once(build):
+    """``key -> build(key)``, built (and cross-checked inside ``build``) once per key."""
+    cache = {}
+
+    def get(key):
+        if key not in cache:
+            cache[key] = build(key)
+        return cache[key]
+
+    return get
 
 
 # --------------------------------------------------------------------------
 # DBPR
 # --------------------------------------------------------------------------
-
-def naive_dbpr_loss(user_emb, item_emb, users, pos_items, neg_items, weights):
-    """GUIDER's weighted BPR written the plain way: gather, dot, logsigmoid, autograd.
-
-    neg_items is (B,) (one negative, GUIDER's case) or (B, K) (mean over the K terms).
-    """
-    u = user_emb[users]
-    pos_score = (u * item_emb[pos_items]).sum(-1)
-    if neg_items.dim() == 1:
-        neg_score = (u * item_emb[neg_items]).sum(-1)
-        return -(weights * F.logsigmoid(pos_score - neg_score)).mean()
-    neg_score = (u.unsqueeze(1) * item_emb[neg_items]).sum(-1)
-    return -(weights * F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean(1)).mean()
-
 
 DBPR_CONTENDERS = {
     "guider_fast": guider_fast.dbpr_loss,
@@ -124,63 +134,31 @@ def dbpr_runner(loss_fn, batch):
     return run
 
 
-def checked_dbpr_batches():
-    """negatives -> batch, cross-checked against the naive version once."""
-    cache = {}
-
-    def get(negatives):
-        if negatives not in cache:
-            batch = make_dbpr_batch(negatives)
-            ours = dbpr_runner(guider_fast.dbpr_loss, batch)()
-            naive = dbpr_runner(naive_dbpr_loss, batch)()
-            for name, a, b in zip(("loss", "grad user_emb", "grad item_emb"), ours, naive):
-                _assert_close(f"dbpr K={negatives} {name}", a, b)
-            cache[negatives] = batch
-        return cache[negatives]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def checked_dbpr_batch():
-    return checked_dbpr_batches()
+def checked_dbpr_batch_for(negatives):
+    """The batch of ``negatives``, cross-checked against the naive version."""
+    batch = make_dbpr_batch(negatives)
+    ours = dbpr_runner(guider_fast.dbpr_loss, batch)()
+    naive = dbpr_runner(naive_dbpr_loss, batch)()
+    for name, a, b in zip(("loss", "grad user_emb", "grad item_emb"), ours, naive):
+        assert_close(f"dbpr K={negatives} {name}", a, b)
+    return batch
 
 
 @pytest.mark.parametrize("negatives", DBPR_NEGATIVES)
 @pytest.mark.parametrize("contender", list(DBPR_CONTENDERS))
-def test_dbpr_forward_backward(measure, checked_dbpr_batch, negatives, contender):
-    run = dbpr_runner(DBPR_CONTENDERS[contender], checked_dbpr_batch(negatives))
-    if contender == "guider_fast (checks off)":
-        run = without_value_checks(run)
+def test_dbpr_forward_backward(measure, checked, negatives, contender):
+    run = dbpr_runner(DBPR_CONTENDERS[contender], checked(checked_dbpr_batch_for, negatives))
     workload = f"B{DBPR_BATCH}" if negatives == 1 else f"B{DBPR_BATCH}_K{negatives}"
-    measure(run, group=f"dbpr_loss forward+backward | B={DBPR_BATCH}, K={negatives} "
-                       f"negative{'s' if negatives > 1 else ''}, tables "
-                       f"{N_USERS}x{EMBED_DIM} / {N_ITEMS}x{EMBED_DIM}",
-            rounds=DBPR_ROUNDS[negatives], family="dbpr", workload=workload,
-            mode="forward+backward", contender=contender, baseline=contender == "guider_fast")
+    measure_contender(measure, run, contender,
+                      group=f"dbpr_loss forward+backward | B={DBPR_BATCH}, K={negatives} "
+                            f"negative{'s' if negatives > 1 else ''}, tables "
+                            f"{N_USERS}x{EMBED_DIM} / {N_ITEMS}x{EMBED_DIM}",
+                      rounds=DBPR_ROUNDS[negatives], family="dbpr", workload=workload, mode="forward+backward")
 
 
 # --------------------------------------------------------------------------
 # Calibration (AMSC)
 # --------------------------------------------------------------------------
-
-# Built once, as GUIDER builds it once in the model's constructor.
-GUIDER_DISTANCE = geomloss.SamplesLoss("sinkhorn", p=1, blur=0.1)
-
-
-def reference_calibrate(t, v, u_code, t_code, v_code, threshold=THRESHOLD):
-    """GUIDER's reference AMSC pipeline; returns (weights, clean, distance)."""
-    # One-point clouds per interaction; the image side is shifted by 1e-8 as in GUIDER.
-    distance = GUIDER_DISTANCE(t[:, None, :], v[:, None, :] + 1e-8)
-    normalized = (distance - distance.min()) / (distance.max() - distance.min() + 1e-7)
-    clean = normalized < threshold
-    bits = u_code.shape[1]
-    sim_text = (torch.sign(u_code) * torch.sign(t_code)).sum(-1) / bits
-    sim_image = (torch.sign(u_code) * torch.sign(v_code)).sum(-1) / bits
-    code_weights = torch.clamp(((sim_text + 1) / 2 + (sim_image + 1) / 2) / 2, 0.0, 1.0)
-    weights = torch.where(clean, code_weights, torch.ones_like(code_weights))
-    return weights, clean, distance
-
 
 def guider_fast_calibrate(t, v, u_code, t_code, v_code, threshold=THRESHOLD):
     result = guider_fast.calibrate(t, v, u_code, t_code, v_code, threshold=threshold)
@@ -194,47 +172,33 @@ CALIBRATION_CONTENDERS = {
 }
 
 
-def checked_calibration_inputs():
-    """batch -> (t, v, u_code, t_code, v_code), cross-checked against the reference once."""
-    cache = {}
-
-    def get(batch):
-        if batch not in cache:
-            g = _generator()
-            t = torch.randn(batch, FEATURE_DIM, generator=g)
-            v = torch.randn(batch, FEATURE_DIM, generator=g)
-            # Real-valued hash-layer outputs (tanh), signed inside calibrate.
-            codes = [torch.tanh(torch.randn(batch, HASH_BITS, generator=g)) for _ in range(3)]
-            inputs = (t, v, *codes)
-            ours, theirs = guider_fast_calibrate(*inputs), reference_calibrate(*inputs)
-            assert torch.equal(ours[1], theirs[1]), "calibrate: clean masks differ"
-            _assert_close("calibrate weights", ours[0], theirs[0])
-            _assert_close("calibrate distance", ours[2], theirs[2])
-            cache[batch] = inputs
-        return cache[batch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def calibration_inputs():
-    return checked_calibration_inputs()
+def checked_calibration_inputs_for(batch):
+    """(t, v, u_code, t_code, v_code) of ``batch`` rows, cross-checked against the reference."""
+    g = _generator()
+    t = torch.randn(batch, FEATURE_DIM, generator=g)
+    v = torch.randn(batch, FEATURE_DIM, generator=g)
+    # Real-valued hash-layer outputs (tanh), signed inside calibrate.
+    codes = [torch.tanh(torch.randn(batch, HASH_BITS, generator=g)) for _ in range(3)]
+    inputs = (t, v, *codes)
+    ours, theirs = guider_fast_calibrate(*inputs), reference_calibrate(*inputs)
+    assert torch.equal(ours[1], theirs[1]), "calibrate: clean masks differ"
+    assert_close("calibrate weights", ours[0], theirs[0])
+    assert_close("calibrate distance", ours[2], theirs[2])
+    return inputs
 
 
 @pytest.mark.parametrize("batch", CALIBRATION_BATCHES)
 @pytest.mark.parametrize("contender", list(CALIBRATION_CONTENDERS))
-def test_calibrate(measure, calibration_inputs, batch, contender):
-    inputs = calibration_inputs(batch)
+def test_calibrate(measure, checked, batch, contender):
+    inputs = checked(checked_calibration_inputs_for, batch)
     fn = CALIBRATION_CONTENDERS[contender]
 
     def run():
         return fn(*inputs)
 
-    if contender == "guider_fast (checks off)":
-        run = without_value_checks(run)
-    measure(run, group=f"calibrate | B={batch}, {FEATURE_DIM}-d rows, {HASH_BITS}-bit codes",
-            rounds=CALIBRATION_ROUNDS[batch], family="calibrate", workload=f"B{batch}",
-            mode="forward", contender=contender, baseline=contender == "guider_fast")
+    measure_contender(measure, run, contender,
+                      group=f"calibrate | B={batch}, {FEATURE_DIM}-d rows, {HASH_BITS}-bit codes",
+                      rounds=CALIBRATION_ROUNDS[batch], family="calibrate", workload=f"B{batch}", mode="forward")
 
 
 # --------------------------------------------------------------------------
@@ -246,24 +210,6 @@ def test_calibrate(measure, calibration_inputs, batch, contender):
 TEXT_DIM, IMAGE_DIM = 384, 4_096
 GUIDER_BATCH = 2_048
 GUIDER_ROUNDS = 60
-
-
-def reference_guider_step(layers, user_emb, item_emb, users, pos_items, neg_items, text_feat, image_feat):
-    """GUIDER's per-batch loss written the plain way, with the layers of a GuiderLoss.
-
-    Index the positives' features, project them (text_proj / image_proj), hash
-    users and items, calibrate with GeomLoss on one-point clouds as
-    ``reference_calibrate`` does, then the weighted BPR with autograd.  The
-    calibration weights carry no gradient in GUIDER, so they are computed
-    under ``no_grad`` (no graph is recorded through the projections).
-    """
-    with torch.no_grad():
-        t = layers.text_proj(text_feat[pos_items])
-        v = layers.image_proj(image_feat[pos_items])
-        weights, _, _ = reference_calibrate(t, v, layers.user_hash(user_emb[users]),
-                                            layers.text_hash(t), layers.image_hash(v),
-                                            threshold=layers.threshold)
-    return naive_dbpr_loss(user_emb, item_emb, users, pos_items, neg_items, weights)
 
 
 GUIDER_CONTENDERS = ("guider_fast", "guider_fast (checks off)", "GUIDER reference (GeomLoss)")
@@ -291,7 +237,7 @@ def checked_guider_problem():
     for mode in GUIDER_MODES:
         ours = guider_runner(problem, "guider_fast", mode)()
         for name, a, b in zip(("loss", "grad user_emb", "grad item_emb"), ours, reference):
-            _assert_close(f"GuiderLoss ({mode}) {name}", a, b)
+            assert_close(f"GuiderLoss ({mode}) {name}", a, b)
     clean = loss_fn.last_calibration.clean
     assert 0 < int(clean.sum()) < GUIDER_BATCH, "both clean and noisy rows should be exercised"
     return problem
@@ -339,10 +285,7 @@ def guider_runner(problem, contender, mode):
 @pytest.mark.parametrize("mode", list(GUIDER_MODES))
 @pytest.mark.parametrize("contender", GUIDER_CONTENDERS)
 def test_guider_loss(measure, guider_problem, mode, contender):
-    run = guider_runner(guider_problem, contender, mode)
-    if contender == "guider_fast (checks off)":
-        run = without_value_checks(run)
-    measure(run, group=f"GuiderLoss forward+backward, {mode} ({GUIDER_MODES[mode]}) | B={GUIDER_BATCH}, "
-                       f"features {N_ITEMS}x{TEXT_DIM} / {N_ITEMS}x{IMAGE_DIM}",
-            rounds=GUIDER_ROUNDS, family="guider_loss", workload=f"B{GUIDER_BATCH}",
-            mode=mode, contender=contender, baseline=contender == "guider_fast")
+    measure_contender(measure, guider_runner(guider_problem, contender, mode), contender,
+                      group=f"GuiderLoss forward+backward, {mode} ({GUIDER_MODES[mode]}) | B={GUIDER_BATCH}, "
+                            f"features {N_ITEMS}x{TEXT_DIM} / {N_ITEMS}x{IMAGE_DIM}",
+                      rounds=GUIDER_ROUNDS, family="guider_loss", workload=f"B{GUIDER_BATCH}", mode=mode)

@@ -10,13 +10,15 @@ training: one batch repeated lets the branch predictor learn its sort).  The con
   (backend "torch", value checks on, as by default);
 * ``guider_fast dbpr_loss + dense SGD``: ``guider_fast.dbpr_loss`` forward and
   backward into dense gradient tables, then ``torch.optim.SGD``;
-* ``naive torch + dense SGD``: gather, multiply, sum, logsigmoid, weights, mean,
-  autograd, ``torch.optim.SGD``;
-* ``torch.compile hand-derived step``: margins, sigmoid coefficients and three
-  ``index_add_`` updates straight into the tables (no autograd, duplicates added
-  one occurrence at a time), compiled once per shape, warmed up outside timing;
-* ``nn.Embedding(sparse) + SparseAdam``: the usual sparse-gradient recipe (Adam,
-  so a different update; same forward and backward work);
+* ``naive torch + dense SGD``: ``baselines.naive_dbpr_loss`` (gather, multiply,
+  sum, logsigmoid, weights, mean, autograd), ``torch.optim.SGD``;
+* ``torch.compile hand-derived step``: ``baselines.hand_derived_step`` (the
+  reference's margins and sigmoid coefficients, three ``index_add_`` updates
+  straight into the tables, no autograd, duplicates added one occurrence at a
+  time), compiled once per shape, warmed up outside timing;
+* ``nn.Embedding(sparse) + SparseAdam``: the usual sparse-gradient recipe
+  (``naive_dbpr_loss(sparse=True)`` on the embeddings' weights; Adam, so a
+  different update; same forward and backward work);
 * ``implicit BPR (1 epoch)``: ``implicit``'s CPU BPR, one epoch (``fit`` with
   ``iterations=1`` on already-initialised factors) over a user x item matrix with
   exactly ``batch`` distinct interactions, i.e. ``batch`` sampled triplets.
@@ -28,7 +30,7 @@ training: one batch repeated lets the branch predictor learn its sort).  The con
 Workloads: uniform random indices on synthetic tables (Amazon Baby size,
 20k x 7k, and 100k users x 1M items), and the real Amazon Baby / Sports
 training interactions (``x_label == 0`` rows of the ``.inter`` files under
-``$GUIDER_DATA``, default ``/work/shared/data``): a batch draws ``batch``
+``$GUIDER_DATA``; skipped where it is not set): a batch draws ``batch``
 (user, positive) pairs uniformly from them (repeats included, as a training
 loop's batch has) and uniform negatives.
 
@@ -38,8 +40,8 @@ indices, ``2 (K + 2) 4 D + 8 (K + 2)`` bytes; the floor is that at 23 GB/s.
 
 Command line (from the repository root):
 
-    python benchmarks/dbpr_contenders.py report benchmarks/results_dbpr_cpu.json
-        # markdown summary of a pytest-benchmark JSON file
+    python benchmarks/dbpr_contenders.py report RUN.json
+        # markdown tables of a pytest-benchmark JSON file (or results rows)
     python benchmarks/dbpr_contenders.py before-after OLD_DBPR_STEP.py [--rounds N]
         # dbpr_step before/after: an older guider_fast/reference/dbpr_step.py
         # (e.g. from `git show REV:guider_fast/reference/dbpr_step.py`) against
@@ -61,17 +63,19 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import guider_fast
-from bench_ops_cpu import naive_dbpr_loss  # the one plain-torch DBPR of the benchmarks
+from guider_fast import bench
+from baselines import compile_hand_derived, hand_derived_step, naive_dbpr_loss
 
 SEED = 0
 LR = 0.05
 SPARSE_ADAM_LR = 1e-3
 FLOOR_GBPS = 23.0
 MACHINE = "2-vCPU CPU guest, 1 thread"
-DATA_DIR = Path(os.environ.get("GUIDER_DATA", "/work/shared/data"))
+# The real graphs: $GUIDER_DATA/amazon_baby/baby.inter and .../amazon_sports/sports.inter
+# (no default: without the variable those shapes are skipped).
+DATA_DIR = Path(os.environ["GUIDER_DATA"]) if os.environ.get("GUIDER_DATA") else None
 GRAPH_FILES = {"baby": "amazon_baby/baby.inter", "sports": "amazon_sports/sports.inter"}
 
 BASELINE = "guider_fast sgd"
@@ -144,7 +148,8 @@ def _shapes():
         for batch, r in zip((2_048, 65_536), rounds):
             shapes.append(Shape(20_000, 7_000, dim, batch, rounds=r))
     for graph in ("baby", "sports"):
-        n_users, n_items = graph_sizes(graph) if (DATA_DIR / GRAPH_FILES[graph]).exists() else (0, 0)
+        found = DATA_DIR is not None and (DATA_DIR / GRAPH_FILES[graph]).exists()
+        n_users, n_items = graph_sizes(graph) if found else (0, 0)
         for batch, r in ((2_048, 40), (65_536, 12)):
             shapes.append(Shape(n_users, n_items, 64, batch, graph=graph, rounds=r))
     shapes += [
@@ -246,37 +251,6 @@ def make_problem(shape: Shape) -> Problem:
 # Contenders: build(problem) -> step() doing one training step in place
 # --------------------------------------------------------------------------
 
-def hand_derived_step(user_table, item_table, users, pos_items, neg_items, weights,
-                      lr: float, scale: float):
-    """DBPR + SGD without autograd: gradients by hand, scatter-added into the tables.
-
-    neg_items is (B, K); scale = 1 / B (mean).  Duplicate rows receive one
-    ``index_add_`` per occurrence (SGD is linear, so this equals summing first,
-    up to rounding).
-    """
-    u = user_table[users]
-    p = item_table[pos_items]
-    n = item_table[neg_items]  # (B, K, D)
-    margin = (u * p).sum(-1, keepdim=True) - (n * u.unsqueeze(1)).sum(-1)
-    k = margin.shape[1]
-    loss = -(weights * F.logsigmoid(margin).mean(1)).sum() * scale
-    c = torch.sigmoid(-margin) * (weights * (scale / k)).unsqueeze(1)  # -dL/dmargin
-    c_total = c.sum(1, keepdim=True)
-    user_table.index_add_(0, users, c_total * p - (c.unsqueeze(2) * n).sum(1), alpha=lr)
-    item_table.index_add_(0, pos_items, c_total * u, alpha=lr)
-    item_table.index_add_(0, neg_items.reshape(-1),
-                          (c.unsqueeze(2) * u.unsqueeze(1)).reshape(-1, u.shape[1]), alpha=-lr)
-    return loss
-
-
-def _compiled_step():
-    dynamo = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # one compilation per shape
-        if hasattr(dynamo, name):
-            setattr(dynamo, name, 256)
-    return torch.compile(hand_derived_step, dynamic=False)
-
-
 COMPILED_STEP = None
 
 
@@ -317,13 +291,12 @@ def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
         return step, p.shape.batch
     if contender == COMPILED:
         if COMPILED_STEP is None:
-            COMPILED_STEP = _compiled_step()
+            COMPILED_STEP = compile_hand_derived(hand_derived_step, dynamic=False)
         user_table, item_table = p.user_table.clone(), p.item_table.clone()
-        scale = 1.0 / p.shape.batch
 
         def one(b):
             return COMPILED_STEP(user_table, item_table, b.users, b.pos_items, b.negatives_2d,
-                                 b.weights, LR, scale)
+                                 b.weights, LR)
         step = rotating(one, p.batches)
         step.tables = (user_table, item_table)
         return step, p.shape.batch
@@ -335,14 +308,8 @@ def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
 
         def one(b):
             optimizer.zero_grad(set_to_none=True)
-            u = user_emb(b.users)
-            pos_score = (u * item_emb(b.pos_items)).sum(-1)
-            if b.neg_items.dim() == 1:
-                x = pos_score - (u * item_emb(b.neg_items)).sum(-1)
-                loss = -(b.weights * F.logsigmoid(x)).mean()
-            else:
-                x = pos_score.unsqueeze(1) - (u.unsqueeze(1) * item_emb(b.neg_items)).sum(-1)
-                loss = -(b.weights * F.logsigmoid(x).mean(1)).mean()
+            loss = naive_dbpr_loss(user_emb.weight, item_emb.weight, b.users, b.pos_items, b.neg_items,
+                                   b.weights, sparse=True)
             loss.backward()
             optimizer.step()
             return loss
@@ -395,54 +362,29 @@ def check_same_work(problem: Problem, contenders) -> None:
 # Command line: markdown report, before/after of dbpr_step
 # --------------------------------------------------------------------------
 
+def _info_cell(key, scale=1.0, spec=".2f"):
+    def cell(entry):
+        value = (entry.row.get("extra") or {}).get(key)
+        return "" if value is None else format(value * scale, spec)
+    return cell
+
+
+REPORT_COLUMNS = [("M trip/s", _info_cell("triplets_per_s", 1e-6)),
+                  ("GB/s", _info_cell("effective_GBps")),
+                  ("floor %", _info_cell("floor_fraction", 100.0, ".1f"))]
+
+
 def report(path: str) -> str:
-    with open(path) as source:
-        results = json.load(source)
-    groups: dict = {}
-    for bench in results["benchmarks"]:
-        groups.setdefault(bench["group"], []).append(bench)
-    info = results.get("machine_info", {})
-    commit = results.get("commit_info", {})
-    out = [
-        "# dbpr_step on CPU: guider_fast against the usual training-step recipes",
-        "",
-        f"Machine: **{MACHINE}** (torch {torch.__version__}, "
-        f"{info.get('cpu', {}).get('brand_raw', 'CPU')}); run {results.get('datetime', '')[:19]} UTC "
-        f"at commit `{commit.get('id', '?')[:7]}`{' (dirty tree)' if commit.get('dirty') else ''}.",
-        "Timings on a shared 2-vCPU guest are noisy: compare contenders within a group "
-        "(they ran back to back in one process) and read the ratios.",
-        "",
-        "**ratio = contender median / guider_fast sgd median** (> 1: guider_fast sgd is faster). "
-        "M trip/s = million triplets per second (median); GB/s = effective bandwidth over the "
-        "bytes a step must move (read + write K+2 rows of D float32, plus indices); floor % = "
-        f"that bandwidth as a share of {FLOOR_GBPS:g} GB/s.",
-        "",
-    ]
-    summary = {}
-    for group, benches in groups.items():
-        base = next((b for b in benches if b["extra_info"].get("contender") == BASELINE), None)
-        base_median = base["stats"]["median"] if base else None
-        out += [f"### {group}", "",
-                "| contender | median ms | min ms | rounds | M trip/s | GB/s | floor % | ratio |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for bench in sorted(benches, key=lambda b: b["stats"]["median"]):
-            s, e = bench["stats"], bench["extra_info"]
-            ratio = s["median"] / base_median if base_median else float("nan")
-            summary.setdefault(e["contender"], {})[group] = ratio
-            out.append(f"| {e['contender']} | {s['median'] * 1e3:.3f} | {s['min'] * 1e3:.3f} | "
-                       f"{s['rounds']} | {e['triplets_per_s'] / 1e6:.2f} | {e['effective_GBps']:.2f} | "
-                       f"{100 * e['floor_fraction']:.1f} | {ratio:.2f} |")
-        out.append("")
-    names = list(groups)
-    out += ["### Summary: ratio vs guider_fast sgd per group", "",
-            "| contender | " + " | ".join(f"G{i + 1}" for i in range(len(names))) + " |",
-            "|---|" + "---:|" * len(names)]
-    for contender in ALL:
-        if contender in summary:
-            cells = [f"{summary[contender][g]:.2f}" if g in summary[contender] else "-" for g in names]
-            out.append(f"| {contender} | " + " | ".join(cells) + " |")
-    out += [""] + [f"G{i + 1}: {g}" for i, g in enumerate(names)] + [""]
-    return "\n".join(out)
+    """Markdown of a pytest-benchmark JSON (or results rows) of bench_dbpr_cpu.py: the one
+    ratio-table writer (``guider_fast.bench``) with the step's throughput columns."""
+    rows, _ = bench.load_results(path)
+    intro = ("M trip/s = million triplets per second (median); GB/s = effective bandwidth over the "
+             "bytes a step must move (read + write K+2 rows of D float32, plus indices); floor % = "
+             f"that bandwidth as a share of {FLOOR_GBPS:g} GB/s. Machine: {MACHINE}.")
+    text = bench.markdown(bench.collect_rows(rows), rows=rows, source=str(path), columns=REPORT_COLUMNS,
+                          title="dbpr_step on CPU: guider_fast against the usual training-step recipes")
+    head, _, tail = text.partition("\n## Summary")
+    return head + intro + "\n\n## Summary" + tail
 
 
 def _load_step_module(path: str):

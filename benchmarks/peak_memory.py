@@ -1,7 +1,7 @@
 """Peak resident-memory cost of each Sinkhorn contender, one fresh process per measurement.
 
-    python benchmarks/peak_memory.py                      # markdown table on stdout
-    python benchmarks/peak_memory.py --json out.json      # also save the numbers
+    python benchmarks/peak_memory.py                      # markdown tables on stdout
+    python benchmarks/peak_memory.py --results benchmarks/results/results.jsonl --run NAME
     python benchmarks/peak_memory.py --mode forward+backward --family fixed_eps
 
 Each (family, workload, mode, contender) runs in its own subprocess, so no
@@ -111,18 +111,23 @@ def measure_all(families, modes) -> list:
     return rows
 
 
-def markdown_table(rows) -> str:
-    """One line per (family, workload, mode, contender), with the ratio to guider_fast."""
-    baseline = {(r["family"], r["workload"], r["mode"]): r["peak_increase_mb"]
-                for r in rows if r["contender"] == "guider_fast"}
-    lines = ["| family | workload | mode | contender | peak RSS increase (MB) | x guider_fast |",
-             "|---|---|---|---|---:|---:|"]
-    for r in rows:
-        ours = baseline.get((r["family"], r["workload"], r["mode"]))
-        ratio = f"{r['peak_increase_mb'] / ours:.2f}" if ours else "n/a"
-        lines.append(f"| {r['family']} | {r['workload']} | {r['mode']} | {r['contender']} | "
-                     f"{r['peak_increase_mb']:.1f} | {ratio} |")
-    return "\n".join(lines)
+def memory_rows(measured, commit=None, date=None, device=None) -> list:
+    """peak_memory measurements -> rows of the results layout (metric ``peak_mb``, no time)."""
+    rows = []
+    for r in measured:
+        rows.append(dict(op=f"peak RSS increase: {r['family']}", contender=r["contender"], shape=r["workload"],
+                         dtype="float32", device=device, median=None, min=None, commit=commit, date=date,
+                         group=f"peak RSS increase | {r['family']} | {r['workload']} | {r['mode']}",
+                         mode=r["mode"], peak_mb=r["peak_increase_mb"], baseline=r["contender"] == "guider_fast",
+                         extra={k: r[k] for k in ("baseline_rss_mb", "peak_was_reset") if k in r}))
+    return rows
+
+
+def markdown_table(measured) -> str:
+    """One table per (family, workload, mode): peak RSS increase, ratio to guider_fast."""
+    import report
+
+    return report.render(memory_rows(measured), title="Peak RSS increase per contender", summary=False)
 
 
 def main(argv=None):
@@ -133,7 +138,8 @@ def main(argv=None):
                         help="restrict to a family (repeatable; default: both)")
     parser.add_argument("--mode", choices=("forward", "forward+backward"), action="append",
                         help="restrict to a mode (repeatable; default: both)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--results", metavar="PATH", help="append the rows to this results JSON-lines file")
+    parser.add_argument("--run", default="peak_memory_cpu", help="the run's name in --results")
     args = parser.parse_args(argv)
 
     if args.child:
@@ -143,9 +149,17 @@ def main(argv=None):
         return
     rows = measure_all(args.family or ["fixed_eps", "samples_loss"],
                        args.mode or ["forward", "forward+backward"])
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=1)
+    if args.results:
+        import time
+
+        import report
+        from guider_fast import bench
+
+        out = memory_rows(rows, report.git_facts()["commit"], time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+                          report.cpu_name())
+        for row in out:
+            row["run"] = args.run
+        bench.write_rows(out, args.results)
     print(markdown_table(rows))
 
 

@@ -1,4 +1,5 @@
-"""``guider-fast bench``: reports from the committed pytest-benchmark JSON files (no benchmark run).
+"""``guider-fast bench``: reports from small pytest-benchmark fixtures (tests/fixtures/, cut
+from committed runs) and the results layout (no benchmark run).
 
 The real run (``--quick``, ~1 min on 2 vCPUs) is opt-in: GUIDER_FAST_BENCH_RUN=1.
 """
@@ -14,7 +15,8 @@ import pytest
 from guider_fast import bench
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-RESULTS = ["results_cpu.json", "results_dbpr_cpu.json"]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+RESULTS = ["bench_cpu.json", "bench_dbpr_cpu.json"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -25,10 +27,7 @@ def _args(*argv):
 
 
 def _json(name):
-    path = BENCHMARKS / name
-    if not path.is_file():
-        pytest.skip(f"{path} not present (benchmarks/ ships with the source repository)")
-    return path
+    return FIXTURES / name
 
 
 def _tables(markdown):
@@ -76,21 +75,21 @@ def test_from_json_markdown_has_groups_and_ratios(name, tmp_path, capsys):
 
 
 def test_known_groups_and_summary_rows(tmp_path):
-    text_cpu = bench.markdown(bench.collect(json.loads(_json("results_cpu.json").read_text())))
+    text_cpu = bench.markdown(bench.collect(json.loads(_json("bench_cpu.json").read_text())))
     assert "### G1: dbpr_loss forward+backward | B=65536, K=1 negative" in text_cpu
     assert "calibrate | B=2048, 64-d rows, 64-bit codes" in text_cpu
     assert "sinkhorn fixed eps, 100 iters | (B, n, m) = (128, 128, 128), d = 64 | forward" in text_cpu
-    text_dbpr = bench.markdown(bench.collect(json.loads(_json("results_dbpr_cpu.json").read_text())))
+    text_dbpr = bench.markdown(bench.collect(json.loads(_json("bench_dbpr_cpu.json").read_text())))
     assert "dbpr training step | 20,000 users x 7,000 items, D=64, B=2,048, K=1, uniform indices" in text_dbpr
     # Summary: best/worst over non-guider_fast contenders, the baseline named per group.
     summary = [line for line in text_dbpr.splitlines() if line.startswith("| G") and "| group |" not in line]
-    assert len(summary) == 12
+    assert len(summary) == 2
     assert all("| guider_fast sgd |" in line for line in summary)
     assert not any("(guider_fast" in line for line in summary)
 
 
 def test_summary_best_and_worst_match_the_json():
-    results = json.loads(_json("results_cpu.json").read_text())
+    results = json.loads(_json("bench_cpu.json").read_text())
     for group in bench.collect(results):
         medians = {b["extra_info"]["contender"]: b["stats"]["median"]
                    for b in results["benchmarks"] if b["group"] == group.name}
@@ -103,7 +102,7 @@ def test_summary_best_and_worst_match_the_json():
 
 def test_png_written(tmp_path):
     pytest.importorskip("matplotlib")
-    assert bench.run(_args("--from-json", str(_json("results_dbpr_cpu.json")), "--out", str(tmp_path))) == 0
+    assert bench.run(_args("--from-json", str(_json("bench_dbpr_cpu.json")), "--out", str(tmp_path))) == 0
     assert (tmp_path / "bench_ratios.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
@@ -111,7 +110,7 @@ def test_without_matplotlib_markdown_only(tmp_path, capsys, monkeypatch):
     for module in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert bench.run(_args("--from-json", str(_json("results_cpu.json")), "--out", str(tmp_path))) == 0
+    assert bench.run(_args("--from-json", str(_json("bench_cpu.json")), "--out", str(tmp_path))) == 0
     assert (tmp_path / "bench.md").is_file()
     assert not (tmp_path / "bench_ratios.png").exists()
     assert "pip install matplotlib" in capsys.readouterr().out
@@ -162,8 +161,65 @@ def test_empty_or_unreadable_json(tmp_path, capsys):
 def test_missing_suite_exits_2(tmp_path, capsys):
     assert bench.run(_args("--suite", str(tmp_path / "nowhere"), "--out", str(tmp_path))) == 2
     err = capsys.readouterr().err
-    assert "benchmark suite not found" in err and "--suite" in err
+    assert "benchmark suite not found" in err and "--suite" in err and "--from-json" in err
+    assert err.strip().count("\n") == 0  # one line
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_rows_keep_every_statistic():
+    """pytest-benchmark JSON -> rows of the results layout: nothing measured is dropped."""
+    results = json.loads(_json("bench_cpu.json").read_text())
+    rows = bench.rows_from_pytest(results, run="fixture")
+    assert len(rows) == len(results["benchmarks"])
+    for row, b in zip(rows, results["benchmarks"]):
+        assert set(bench.ROW_FIELDS) <= set(row)
+        assert row["median"] == b["stats"]["median"] and row["min"] == b["stats"]["min"]
+        assert row["extra"]["stats"]["mean"] == b["stats"]["mean"] and row["rounds"] == b["stats"]["rounds"]
+        assert row["group"] == b["group"] and row["baseline"] == b["extra_info"]["baseline"]
+        assert row["commit"] == "4b372cf" and row["date"].startswith("2026-11-27") and row["device"] == "AMD EPYC"
+
+
+def test_from_jsonl_rows_same_tables(tmp_path, capsys):
+    """--from-json reads a results JSON-lines file too, with the same ratios as the JSON it came from."""
+    path = _json("bench_cpu.json")
+    rows_path = tmp_path / "results.jsonl"
+    bench.write_rows(bench.rows_from_pytest(json.loads(path.read_text()), run="a"), rows_path)
+    assert bench.run(_args("--from-json", str(rows_path), "--out", str(tmp_path / "rows"))) == 0
+    assert bench.run(_args("--from-json", str(path), "--out", str(tmp_path / "json"))) == 0
+    assert _tables((tmp_path / "rows" / "bench.md").read_text()) == _tables((tmp_path / "json" / "bench.md").read_text())
+    # A second run in the same file: its groups stay apart (prefixed with the run).
+    bench.write_rows(bench.rows_from_pytest(json.loads(path.read_text()), run="b"), rows_path)
+    groups = bench.collect_rows(bench.read_rows(rows_path))
+    assert len(groups) == 2 * len(bench.collect(json.loads(path.read_text())))
+    assert all(g.name.startswith(("a: ", "b: ")) for g in groups)
+
+
+def test_peak_memory_metric_and_skipped_rows():
+    rows = [dict(op="peak", contender="guider_fast", shape="s", group="g", peak_mb=10.0, median=None),
+            dict(op="peak", contender="POT", shape="s", group="g", peak_mb=25.0, median=None),
+            dict(op="t", contender="guider_fast triton", shape="s", group="h", median=0.002, min=0.001),
+            dict(op="t", contender="POT", shape="s", group="h", median=None, skipped="not importable")]
+    memory = bench.collect_rows(rows, metric=bench.PEAK_MB)
+    assert [(e.contender, e.ratio) for e in memory[0].entries] == [("guider_fast", 1.0), ("POT", 2.5)]
+    (timed,) = bench.collect_rows(rows)
+    assert timed.baseline.contender == "guider_fast triton"
+    text = "\n".join(bench.group_table(timed))
+    assert "| POT | skipped: not importable |" in text and "| guider_fast triton (baseline) | 2.000 | 1.000 |" in text
+
+
+def test_committed_results_layout():
+    """benchmarks/results/results.jsonl (a source checkout): every row has the layout's fields."""
+    path = BENCHMARKS / "results" / "results.jsonl"
+    if not path.is_file():
+        pytest.skip("not a source checkout")
+    rows = bench.read_rows(path)
+    assert rows and all(set(bench.ROW_FIELDS) <= set(r) and r.get("run") for r in rows)
+    assert all(r["commit"] and r["date"] and r["device"] for r in rows)
+
+
+def test_library_does_not_import_benchmarks():
+    source = Path(bench.__file__).read_text()
+    assert "import report" not in source and "sys.path" not in source
 
 
 def test_default_suite_is_next_to_the_source():
@@ -200,7 +256,7 @@ def test_cli_subcommand(tmp_path, capsys):
     from guider_fast import cli
 
     try:
-        status = cli.main(["bench", "--from-json", str(_json("results_cpu.json")), "--out", str(tmp_path)])
+        status = cli.main(["bench", "--from-json", str(_json("bench_cpu.json")), "--out", str(tmp_path)])
     except SystemExit as exit_:  # argparse: invalid choice 'bench'
         pytest.skip(f"guider-fast bench is not wired in cli.py yet ({exit_.code})")
     assert status == 0
