@@ -13,11 +13,11 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["guider_fast", "guider_fast.reference", "guider_fast.kernels"],
+    packages=["guider_fast", "guider_fast.reference", "guider_fast.kernels", "guider_fast.train"],
     # Triton kernels live in the top-level kernels/ folder but install under the
     # package namespace: a top-level "kernels" module would clash with PyPI's.
     package_dir={"guider_fast.kernels": "kernels"},
-    install_requires=["torch>=2.1", "numpy"],
+    install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],
         "dev": ["pytest", "pytest-benchmark", "pot>=0.9.6", "geomloss==0.3.1", "hypothesis"],

@@ -26,10 +26,10 @@ from ._version import __version__
 from .calibration import (Calibration, ItemCalibration, calibrate, calibrate_items,
                           precompute_item_calibration)
 from .dbpr import RowwiseAdagradState, dbpr_loss, dbpr_step
-from .distill import kl_distill_dense, kl_distill_loss, ot_distill_loss
-from .evaluate import full_sort_topk, ranking_metrics
 from .losses import GuiderLoss
 from .ot import SamplesLoss, SinkhornResult, sinkhorn
+from .train.distill import kl_distill_dense, kl_distill_loss, ot_distill_loss
+from .train.evaluate import full_sort_topk, ranking_metrics
 
 __all__ = [
     "Calibration",

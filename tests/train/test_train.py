@@ -107,7 +107,7 @@ def test_cli_train_reports_bad_data(tmp_path, capsys):
 
 def test_align_projections_makes_the_distance_detect_inconsistent_items():
     from guider_fast import GuiderLoss
-    from guider_fast.data import synthetic
+    from guider_fast.train.data import synthetic
 
     data = synthetic(n_users=400, n_items=300, text_dim=48, image_dim=40, noise=0.2, seed=3)
     torch.manual_seed(0)
@@ -193,3 +193,85 @@ def test_mgda_weights_follow_the_reference_rule():
     assert task.item() == pytest.approx(max(c, 0.5)) and distill.item() == pytest.approx(1 - c)
     task, distill = mgda_weights(g1, [torch.tensor([-0.5, 0.0]), torch.tensor([0.0])])  # 0.5 >= 0.25
     assert task.item() == pytest.approx(0.5) and distill.item() == pytest.approx(0.999)
+
+
+def test_old_module_paths_are_the_moved_modules():
+    import guider_fast.data
+    import guider_fast.distill
+    import guider_fast.evaluate
+    import guider_fast.models
+    import guider_fast.train as package
+    from guider_fast.train import data, distill, evaluate, models
+
+    assert (guider_fast.data, guider_fast.models, guider_fast.evaluate, guider_fast.distill) == \
+        (data, models, evaluate, distill)
+    assert package.train is train and package.TrainConfig is TrainConfig
+    with pytest.raises(AttributeError):
+        package.no_such_name
+
+
+def _parse_train(argv):
+    import argparse
+
+    from guider_fast.train import cli as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    return train_cli.config_from_args(parser.parse_args(argv)), parser
+
+
+def test_cli_options_come_from_the_config_fields():
+    import dataclasses
+
+    config, parser = _parse_train([])
+    assert config == TrainConfig()
+    options = {a.dest: a for a in parser._actions if a.dest != "help"}
+    offered = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]}
+    assert set(options) == offered == {f.name for f in dataclasses.fields(TrainConfig)} - {"ks"}
+    assert all(a.help for a in options.values())
+    assert options["n_layers"].option_strings == ["--layers"]
+    assert options["progress"].option_strings == ["--no-progress"]
+    assert options["loss"].choices == ("guider", "bpr") and options["distill"].choices == ("none", "kl", "ot")
+    config, _ = _parse_train(["--layers", "3", "--no-progress", "--n-users", "50", "--distill-weight", "0.5",
+                              "--align", "--checkpoint", "c.pt", "--resume", "--lr", "0.01"])
+    assert (config.n_layers, config.progress, config.n_users, config.distill_weight) == (3, False, 50, 0.5)
+    assert (config.align, config.checkpoint, config.resume, config.lr) == (True, "c.pt", True, 0.01)
+    with pytest.raises(SystemExit):
+        _parse_train(["--loss", "hinge"])
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("enabled, tty", [(True, True), (True, False), (False, True)])
+def test_progress_bar_on_a_terminal_a_line_per_epoch_otherwise(enabled, tty):
+    from guider_fast.train.progress import EpochProgress
+
+    stream = _Stream(tty)
+    progress = EpochProgress(enabled, stream)
+    assert progress.live == (enabled and tty)
+    for epoch in (1, 2):
+        progress.start(epoch, 2, 1000)
+        progress.update(500, 0.25)
+        progress.update(1000, 0.125)
+        progress.end(epoch, 2, 4, 0.125, 1.5)
+    lines = [f"epoch {e}/2: 4 steps, loss 0.1250, 1.5 s\n" for e in (1, 2)]
+    if not enabled:
+        assert stream.text == ""
+    elif not tty:
+        assert stream.text == "".join(lines)
+    else:
+        # tqdm redraws at most every 0.1 s: the bar's first frame, then the line that replaces it.
+        assert stream.text.startswith("\repoch 1/2:   0%|") and "/1.00k" in stream.text
+        assert lines[0] in stream.text and stream.text.endswith(lines[1])

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import guider_fast.distill as gd
-from guider_fast.distill import kl_distill_dense, kl_distill_loss, ot_distill_loss
+import guider_fast.train.distill as gd
+from guider_fast.train.distill import kl_distill_dense, kl_distill_loss, ot_distill_loss
 from guider_fast.ot import SamplesLoss
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from guider_fast.evaluate import full_sort_topk, ranking_metrics
+from guider_fast.train.evaluate import full_sort_topk, ranking_metrics
 
 
 def _data(gen, n_users=23, n_items=97, d=5, n_exclude=300, dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""guider_fast.data: MMRec loader (round trip, errors naming file/line/column), synthetic generator
+"""guider_fast.train.data: MMRec loader (round trip, errors naming file/line/column), synthetic generator
 (determinism, planted noise, held-out splits, modality disagreement, scale) and NegativeSampler."""
 
 import time
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from guider_fast.data import (InteractionData, NegativeSampler, load_mmrec, synthetic,
-                              with_synthetic_features)
+from guider_fast.train.data import (InteractionData, NegativeSampler, load_mmrec, synthetic,
+                                    with_synthetic_features)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 BABY = SHARED / "amazon_baby"
 
 ROWS = [  # (user, item, x_label)

@@ -1,0 +1,89 @@
+"""``TrainConfig``: every setting of a training run, each with the help text of its
+``guider-fast train`` option (the command line is built from these fields)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from .._dispatch import BACKENDS
+
+LOSSES = ("guider", "bpr")
+DISTILL = ("none", "kl", "ot")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+SELECT_METRIC = "recall@20"
+# The settings a checkpoint must share with the run that resumes from it.
+RESUME_KEYS = ("data", "dim", "n_layers", "knn", "loss", "seed", "batch_size", "n_users", "n_items",
+               "noise", "distill", "threshold", "align", "noisy_weight")
+
+
+def option(default, help: str, *, flag: Optional[str] = None, choices: Optional[tuple] = None,
+           cli: bool = True):
+    """A ``TrainConfig`` field and its command-line option: ``flag`` (default ``--field-name``;
+    a boolean that defaults to True takes a ``--no-...`` flag), ``choices``, or ``cli=False``
+    for a setting the command line does not offer."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})
+
+
+@dataclass
+class TrainConfig:
+    data: str = option("synthetic",
+                       "'synthetic' (planted noisy interactions) or an MMRec dataset: a folder "
+                       "with <name>.inter (+ text_feat.npy / image_feat.npy) or the .inter file")
+    epochs: int = option(30, "training epochs (fewer when early stopping ends the run)")
+    batch_size: int = option(2048, "training triplets per step")
+    dim: int = option(64, "embedding size")
+    n_layers: int = option(2, "LightGCN propagation layers", flag="--layers")
+    knn: int = option(10, "neighbours of the item-item graph (0: off)")
+    lr: float = option(1e-3, "Adam learning rate")
+    reg_weight: float = option(1e-4, "L2 weight on the batch's ID embeddings")
+    loss: str = option("guider", "GUIDER (calibration + DBPR) or plain BPR", choices=LOSSES)
+    threshold: float = option(0.7, "calibration clean threshold")
+    align: bool = option(False, "fit the image projection onto the text one, so the calibration measures "
+                                "modality disagreement (the reference keeps both random)")
+    noisy_weight: float = option(1.0, "DBPR weight of interactions flagged noisy (GUIDER's reference: 1; "
+                                      "0 drops them)")
+    backend: str = option("auto", "backend of the ops (auto: the first available of cuda, triton, torch)",
+                          choices=BACKEND_CHOICES)
+    distill: str = option("none",
+                          "also train a matrix-factorisation student distilled from the model: "
+                          "full-catalogue KL (streamed) or Sinkhorn OT between the batch's score rows "
+                          "(a B x B problem of dimension B per step: ~40x the epoch time on one CPU thread "
+                          "at B = 2048)", choices=DISTILL)
+    distill_weight: Optional[float] = option(None, "a fixed weight of the distillation term (default: the "
+                                                   "reference's MGDA two-task rule)")
+    eval_every: int = option(1, "evaluate on the validation split every this many epochs (and after the "
+                                "last)")
+    patience: int = option(5, f"stop after this many evaluations without a better validation {SELECT_METRIC}")
+    ks: Tuple[int, ...] = option((10, 20, 50), "the K of Recall@K and NDCG@K (must include 20)", cli=False)
+    seed: int = option(0, "seed of the synthetic data, the initialisation and the batch order")
+    device: str = option("cpu", "cpu or cuda")
+    checkpoint: Optional[str] = option(None, "save the training state here after every epoch")
+    resume: bool = option(False, "continue from --checkpoint (best model included)")
+    metrics_json: Optional[str] = option(None, "write the final metrics (and the history) here")
+    n_users: int = option(20_000, "synthetic data: users")
+    n_items: int = option(7_000, "synthetic data: items")
+    noise: float = option(0.2, "synthetic data: share of corrupted interactions")
+    progress: bool = option(True, "no progress bar", flag="--no-progress")
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.distill not in DISTILL:
+            raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
+        for name in ("epochs", "batch_size", "dim", "eval_every", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("resume needs a checkpoint path (--checkpoint PATH)")
+        weight = self.distill_weight
+        if weight is not None and not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"distill_weight must be None (MGDA) or a number >= 0, got {weight!r}")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+        if SELECT_METRIC.split("@")[1] not in {str(k) for k in self.ks}:
+            raise ValueError(f"ks must include 20 (model selection uses {SELECT_METRIC}), got {self.ks}")

@@ -1,0 +1,425 @@
+"""The GUIDER training loop behind ``guider-fast train``: data, graph model, loss, evaluation, resume.
+
+``train(TrainConfig(...))`` trains a ``GraphRecommender`` on one dataset with
+either GUIDER's loss (``GuiderLoss``: calibration + DBPR, frozen-item mode) or
+plain BPR.  The defaults are GUIDER as published.  Options beyond the reference:
+``align=True`` fits the image projection onto the text projection, so that the
+calibration's distance measures modality disagreement (the reference leaves
+both projections random; ``GuiderLoss.align_projections``); ``noisy_weight=0``
+drops the flagged interactions instead of weighting them 1.  On planted noise,
+``align=True, noisy_weight=0, threshold=0.3`` is the recipe that denoises
+(``benchmarks/results/train_cpu.md``).  It can also distil the trained teacher into a matrix-factorisation
+student (``distill="kl"``: full-catalogue KL, streamed).  The model is selected
+on validation Recall@20, with early stopping after ``patience`` evaluations
+without improvement.  The loop checkpoints after every epoch; ``resume=True``
+continues an interrupted run from its checkpoint, best model included.
+
+``Trainer`` is that run in named steps: building it loads the data, builds the
+model, the loss and the student, and restores a checkpoint; ``run()`` trains
+epoch by epoch (``train_epoch``, ``end_epoch``, ``save_checkpoint``) and returns
+``finish()``'s result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import _dispatch
+from .. import _validate as V
+from ..dbpr import dbpr_loss
+from ..losses import GuiderLoss
+from . import data as gdata
+from .config import RESUME_KEYS, SELECT_METRIC, TrainConfig
+from .distill import kl_distill_loss, ot_distill_loss
+from .evaluate import ranking_metrics
+from .models import KNN_MAX_ITEMS, GraphRecommender, item_graph_from_features
+from .progress import EpochProgress
+
+
+def load_data(config: TrainConfig, log: Callable[[str], None]) -> gdata.InteractionData:
+    if config.data == "synthetic":
+        data = gdata.synthetic(n_users=config.n_users, n_items=config.n_items, noise=config.noise,
+                               seed=config.seed)
+    else:
+        data = gdata.load_mmrec(config.data)
+        if config.loss == "guider" and data.text_feat is None and data.image_feat is None:
+            log("no modality features in the dataset: generating synthetic text/image features "
+                "from the interaction graph (guider_fast.train.data.with_synthetic_features)")
+            data = gdata.with_synthetic_features(data, seed=config.seed)
+    if config.loss == "guider" and (data.text_feat is None or data.image_feat is None):
+        present = "text" if data.text_feat is not None else "image"
+        raise ValueError(f"loss='guider' calibrates text against image features, but the dataset has "
+                         f"only {present} features: use loss='bpr'")
+    return data
+
+
+def mgda_weights(g_task, g_distill):
+    """The reference's two-task min-norm (MGDA) weights (task, distillation), as 0-d tensors.
+
+    With g1, g2 the student-loss and distillation gradients over all student
+    parameters: ``c = 0.999`` if ``g1.g2 >= 0``; ``c = 0.001`` if
+    ``-g1.g2 >= |g2|^2``; else ``c = 1 + g1.g2 / |g2|^2``.  The weights are
+    ``max(c, 0.5)`` and ``max(1 - c, 1e-4)``.  Computed on the device, with no
+    host sync.
+    """
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(g_task, g_distill))
+    norm2 = sum(b.double().pow(2).sum() for b in g_distill)
+    c = torch.where(dot >= 0, torch.full_like(dot, 0.999),
+                    torch.where(-dot >= norm2, torch.full_like(dot, 0.001),
+                                1 + dot / norm2.clamp_min(torch.finfo(torch.float64).tiny)))
+    return c.clamp_min(0.5).float(), (1 - c).clamp_min(1e-4).float()
+
+
+@dataclass
+class _State:
+    """What a checkpoint restores besides the weights, optimisers and generator."""
+    epoch: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0
+    history: List[Dict] = field(default_factory=list)
+    noise_counts: Dict[str, int] = field(default_factory=dict)
+    epoch_seconds: List[float] = field(default_factory=list)
+
+
+def _snapshot(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _evaluate(model, pairs, exclude, ks):
+    model.eval()
+    with torch.no_grad():
+        user_out, item_out = model()
+        return ranking_metrics(user_out, item_out, pairs, exclude, ks=ks)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+class Trainer:
+    """One training run: ``Trainer(config, data, log).run()`` is ``train(config, data, log)``."""
+
+    def __init__(self, config: TrainConfig, data: Optional[gdata.InteractionData] = None,
+                 log: Callable[[str], None] = print):
+        config.validate()
+        self.config, self.log = config, log
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but torch sees no CUDA device")
+        # An unusable backend fails here, with its reason, not at the first step.
+        _dispatch.resolve("dbpr", config.backend, self.device)
+        torch.manual_seed(config.seed)
+        self._load_data(data)
+        self.model, self.optimizer = self._build_model()
+        self.guider = self._build_loss()
+        self.student, self.student_opt = self._build_student()
+        self.sampler = gdata.NegativeSampler(self.train_pairs, self.data.n_users, self.data.n_items,
+                                             device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.noisy = self.data.noisy.to(self.device) if self.data.noisy is not None else None
+        self.state = _State()
+        self.best_model = _snapshot(self.model)
+        self.best_student: Optional[Dict[str, torch.Tensor]] = None
+        if config.resume:
+            self._resume()
+        self.progress = EpochProgress(config.progress)
+        self.steps = math.ceil(self.train_pairs.shape[0] / config.batch_size)
+        self._checked_a_step = False
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _load_data(self, data: Optional[gdata.InteractionData]) -> None:
+        self.data = load_data(self.config, self.log) if data is None else data
+        self.log(self.data.summary())
+        device = self.device
+        self.train_pairs = self.data.train.to(device)
+        # Evaluation pairs and the pairs each split's ranking excludes (the earlier splits).
+        self.splits: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {
+            "valid": (self.data.valid.to(device), self.train_pairs),
+            "test": (self.data.test.to(device), torch.cat([self.data.train, self.data.valid]).to(device)),
+        }
+
+    def _build_model(self) -> Tuple[GraphRecommender, torch.optim.Optimizer]:
+        config, data = self.config, self.data
+        item_graph = None
+        if config.knn and data.n_items <= KNN_MAX_ITEMS:
+            item_graph = item_graph_from_features((data.text_feat, data.image_feat), config.knn)
+        elif config.knn:
+            self.log(f"item-item kNN graph skipped: {data.n_items:,} items > {KNN_MAX_ITEMS:,} (exact kNN is "
+                     f"quadratic in the catalogue); pass knn=0 to silence this")
+        model = GraphRecommender(data.n_users, data.n_items, data.train, dim=config.dim,
+                                 n_layers=config.n_layers, item_graph=item_graph,
+                                 seed=config.seed).to(self.device)
+        return model, torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    def _build_loss(self) -> Optional[GuiderLoss]:
+        """GUIDER's loss with every item calibrated once, or None for plain BPR."""
+        config, data = self.config, self.data
+        if config.loss != "guider":
+            return None
+        guider = GuiderLoss(data.text_feat.shape[1], data.image_feat.shape[1], embed_dim=config.dim,
+                            threshold=config.threshold, backend=config.backend,
+                            noisy_weight=config.noisy_weight).to(self.device)
+        # The calibration weights carry no gradient: the projections and hash layers stay
+        # at their initialisation (as in the reference), so every item is calibrated once.
+        guider.requires_grad_(False)
+        text, image = data.text_feat.to(self.device), data.image_feat.to(self.device)
+        if config.align:
+            fit = guider.align_projections(text, image)
+            self.log(f"aligned image_proj onto text_proj: residual {fit['mse_before']:.4g} -> "
+                     f"{fit['mse_after']:.4g}")
+        guider.precompute_items(text, image)
+        return guider
+
+    def _build_student(self) -> Tuple[Optional[GraphRecommender], Optional[torch.optim.Optimizer]]:
+        """The matrix-factorisation student of the distillation, or (None, None)."""
+        config, data = self.config, self.data
+        if config.distill == "none":
+            return None, None
+        student = GraphRecommender(data.n_users, data.n_items, data.train, dim=config.dim, n_layers=0,
+                                   seed=config.seed + 1).to(self.device)
+        return student, torch.optim.Adam(student.parameters(), lr=config.lr)
+
+    def _resume(self) -> None:
+        config = self.config
+        if not os.path.exists(config.checkpoint):
+            self.log(f"no checkpoint at {config.checkpoint}: starting afresh")
+            return
+        saved = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
+        mismatched = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(config, k)]
+        if mismatched:
+            settings = ", ".join(f"{k}={saved['config'].get(k)!r}" for k in mismatched)
+            raise ValueError(f"checkpoint {config.checkpoint} was written with other settings "
+                             f"({settings}); resume with the same ones or start afresh")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.best_model = saved["best_model"]
+        if self.student is not None:
+            self.student.load_state_dict(saved["student"])
+            self.student_opt.load_state_dict(saved["student_optimizer"])
+            self.best_student = saved.get("best_student")
+        self.generator.set_state(saved["generator"])
+        self.state = _State(**saved["state"])
+        self.log(f"resumed from {config.checkpoint} after epoch {self.state.epoch} "
+                 f"(best {SELECT_METRIC} {self.state.best_metric:.4f} at epoch {self.state.best_epoch})")
+
+    # -- training ---------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Epochs left and patience not exhausted."""
+        return self.state.epoch < self.config.epochs and self.state.bad_evals < self.config.patience
+
+    def run(self) -> Dict:
+        if self.running:
+            self.log(f"{'epoch':>5} {'loss':>8} " + " ".join(f"{m:>9}" for m in ("recall@20", "ndcg@20"))
+                     + f" {'best':>5} {'s/epoch':>8}")
+        while self.running:
+            self.end_epoch(*self.train_epoch())
+            if self.config.checkpoint:
+                self.save_checkpoint()
+        return self.finish()
+
+    def train_epoch(self) -> Tuple[float, float, torch.Tensor]:
+        """One pass over the training rows in a fresh random order: (mean loss, seconds, and the
+        calibration flag counts tp, fp, fn, flagged against the planted truth)."""
+        config, device = self.config, self.device
+        epoch = self.state.epoch + 1
+        self.model.train()
+        start = time.perf_counter()
+        order = torch.randperm(self.train_pairs.shape[0], generator=self.generator, device=device)
+        # Device-side sums, read once per display update and epoch (no sync per step).
+        total_loss = torch.zeros((), device=device)
+        counts = torch.zeros(4, dtype=torch.long, device=device)
+        display_every = max(1, self.steps // 50)
+        self.progress.start(epoch, config.epochs, order.shape[0])
+        for step in range(self.steps):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            # The run's first step checks values (indices, weights); the rest skip the checks'
+            # device sync: every later batch is built the same way.
+            with V.checks_off() if self._checked_a_step else contextlib.nullcontext():
+                total_loss = total_loss + self.step(index, counts)
+            self._checked_a_step = True
+            if self.progress.live and (step + 1) % display_every == 0:
+                done = step * config.batch_size + index.shape[0]
+                self.progress.update(done, float(total_loss) / (step + 1))
+        mean_loss = float(total_loss) / self.steps
+        seconds = time.perf_counter() - start
+        self.progress.end(epoch, config.epochs, self.steps, mean_loss, seconds)
+        return mean_loss, seconds, counts
+
+    def step(self, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One optimisation step of the model (and of the student) on the training rows ``index``;
+        adds the batch's flag counts to ``counts`` and returns the (detached) loss."""
+        users, pos = self.train_pairs[index, 0], self.train_pairs[index, 1]
+        neg = self.sampler.sample(users, generator=self.generator)
+        model = self.model
+        user_out, item_out = model()
+        if self.guider is not None:
+            loss = self.guider(user_out, item_out, users, pos, neg)
+            if self.noisy is not None:
+                flagged = ~self.guider.last_calibration.clean
+                truth = self.noisy[index]
+                counts += torch.stack([(flagged & truth).sum(), (flagged & ~truth).sum(),
+                                       (~flagged & truth).sum(), flagged.sum()])
+        else:
+            loss = dbpr_loss(user_out, item_out, users, pos, neg, backend=self.config.backend)
+        reg = (model.user_emb[users].pow(2).sum() + model.item_emb[pos].pow(2).sum()
+               + model.item_emb[neg].pow(2).sum()) / (2 * users.shape[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + self.config.reg_weight * reg).backward()
+        self.optimizer.step()
+        if self.student is not None:
+            self.student_step(users, pos, neg)
+        return loss.detach()
+
+    def student_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        """The student's BPR loss plus its distillation from the model (the teacher, a constant)."""
+        config, student = self.config, self.student
+        with torch.no_grad():
+            teacher_user, teacher_item = self.model()
+        s_user, s_item = student()
+        s_loss = dbpr_loss(s_user, s_item, users, pos, neg, backend=config.backend)
+        if config.distill == "kl":
+            distill = kl_distill_loss(s_user, s_item, teacher_user, teacher_item, users)
+        else:
+            # Sinkhorn between the batch users' student and teacher score rows over the
+            # batch's positive items (B points in R^B per side).
+            distill = ot_distill_loss(s_user, s_item, teacher_user, teacher_item, users, pos)
+        self.student_opt.zero_grad(set_to_none=True)
+        if config.distill_weight is None:
+            params = [p for p in student.parameters() if p.requires_grad]
+            g_task = torch.autograd.grad(s_loss, params, retain_graph=True)
+            g_distill = torch.autograd.grad(distill, params)
+            w_task, w_distill = mgda_weights(g_task, g_distill)
+            for param, a, b in zip(params, g_task, g_distill):
+                param.grad = w_task * a + w_distill * b
+        else:
+            (s_loss + config.distill_weight * distill).backward()
+        self.student_opt.step()
+
+    def evaluate(self, model: torch.nn.Module, split: str) -> Dict[str, float]:
+        pairs, exclude = self.splits[split]
+        return _evaluate(model, pairs, exclude, self.config.ks)
+
+    def end_epoch(self, mean_loss: float, seconds: float, counts: torch.Tensor) -> None:
+        """Record the epoch; when an evaluation is due, keep the model if validation improved."""
+        state, config = self.state, self.config
+        epoch = state.epoch = state.epoch + 1
+        state.epoch_seconds.append(seconds)
+        if self.guider is not None and self.noisy is not None:
+            # The last epoch's calibration flags against the planted truth.
+            tp, fp, fn, flagged = counts.tolist()
+            state.noise_counts = {"tp": tp, "fp": fp, "fn": fn, "flagged": flagged,
+                                  "seen": self.train_pairs.shape[0]}
+        record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds}
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            metrics = record["valid"] = self.evaluate(self.model, "valid")
+            if metrics[SELECT_METRIC] > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_evals = metrics[SELECT_METRIC], epoch, 0
+                self.best_model = _snapshot(self.model)
+                if self.student is not None:
+                    self.best_student = _snapshot(self.student)
+            else:
+                state.bad_evals += 1
+            self.log(f"{epoch:>5} {mean_loss:>8.4f} {metrics['recall@20']:>9.4f} {metrics['ndcg@20']:>9.4f} "
+                     f"{state.best_epoch:>5} {seconds:>8.1f}")
+        state.history.append(record)
+
+    def save_checkpoint(self) -> None:
+        student, student_opt = self.student, self.student_opt
+        _atomic_save({
+            "config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "best_model": self.best_model,
+            "student": student.state_dict() if student is not None else None,
+            "student_optimizer": student_opt.state_dict() if student_opt is not None else None,
+            "best_student": self.best_student, "generator": self.generator.get_state(),
+            "state": dataclasses.asdict(self.state),
+        }, self.config.checkpoint)
+
+    # -- result -----------------------------------------------------------------------------------
+
+    def finish(self) -> Dict:
+        """Restore the best model and report it: validation (as selected), test, noise detection,
+        the student's test metrics; also written to ``config.metrics_json`` when set."""
+        config, state = self.config, self.state
+        if state.bad_evals >= config.patience:
+            self.log(f"early stop: no {SELECT_METRIC} improvement in {config.patience} evaluations")
+        self.model.load_state_dict(self.best_model)
+        best_valid = next((r["valid"] for r in state.history
+                           if r["epoch"] == state.best_epoch and "valid" in r), None)
+        result = {
+            "config": dataclasses.asdict(config),
+            "data": self.data.summary(),
+            "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch,
+            # The best epoch's validation metrics (the selection criterion), not re-evaluated.
+            "valid": best_valid if best_valid is not None else self.evaluate(self.model, "valid"),
+            "test": self.evaluate(self.model, "test"),
+            "seconds_per_epoch": (sum(state.epoch_seconds) / len(state.epoch_seconds)
+                                  if state.epoch_seconds else None),
+            "peak_memory_mb": _peak_memory_mb(self.device),
+            "history": state.history,
+        }
+        if state.noise_counts:
+            c = state.noise_counts
+            precision = c["tp"] / max(c["tp"] + c["fp"], 1)
+            recall = c["tp"] / max(c["tp"] + c["fn"], 1)
+            result["noise_detection"] = {
+                "precision": precision, "recall": recall,
+                "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+                "flagged_share": c["flagged"] / max(c["seen"], 1),
+                "planted_share": float(self.data.noisy.float().mean()),
+            }
+        if self.student is not None:
+            if self.best_student is not None:
+                self.student.load_state_dict(self.best_student)
+            result["student_test"] = self.evaluate(self.student, "test")
+        if config.metrics_json:
+            with open(config.metrics_json, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return result
+
+
+def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
+          log: Callable[[str], None] = print) -> Dict:
+    """Train, select on validation Recall@20, and return the metrics (also written to
+    ``config.metrics_json`` when set)."""
+    return Trainer(config, data, log).run()
+
+
+def format_result(result: Dict) -> str:
+    """Human-readable summary of ``train``'s result."""
+    lines = [f"best epoch {result['best_epoch']} of {result['epochs_run']}"]
+    for split in ("valid", "test"):
+        metrics = result[split]
+        lines.append(f"{split:>5}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if "student_test" in result:
+        lines.append("student test: " + "  ".join(f"{k} {v:.4f}" for k, v in result["student_test"].items()))
+    if "noise_detection" in result:
+        nd = result["noise_detection"]
+        lines.append(f"noisy flags vs planted truth (last epoch): precision {nd['precision']:.3f}, "
+                     f"recall {nd['recall']:.3f}, flagged {nd['flagged_share']:.1%} "
+                     f"(planted {nd['planted_share']:.1%})")
+    if result.get("seconds_per_epoch") is not None:
+        lines.append(f"{result['seconds_per_epoch']:.2f} s per epoch, peak memory {result['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)
