@@ -70,7 +70,7 @@ def _cuda_reason(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
     if importlib.util.find_spec("guider_fast._C") is None:
-        return "the CUDA extension guider_fast._C is not built (build with GUIDER_FAST_BUILD_CUDA=1 pip install -e .)"
+        return "the CUDA extension guider_fast._C is not built (this version of guider_fast has no CUDA C++ kernels)"
     return None
 
 

@@ -21,8 +21,8 @@ class GuiderLoss(nn.Module):
     ``image_proj`` (image_dim -> feat_embed_dim) and the hash layers
     ``user_hash`` (embed_dim -> hash_bits), ``text_hash`` and ``image_hash``
     (feat_embed_dim -> hash_bits).  ``forward`` gathers rows itself from the
-    full tables, calibrates the positives (AMSC, spec section 1) and returns the
-    DBPR loss weighted by the calibration (spec section 2).  The calibration of
+    full tables, calibrates the positives (AMSC: ``guider_fast.calibrate``) and returns
+    the DBPR loss weighted by the calibration (``guider_fast.dbpr_loss``).  The calibration of
     the last call is kept in ``last_calibration``.
 
     Frozen-item mode: the calibration weights carry no gradient, so in the
@@ -40,7 +40,7 @@ class GuiderLoss(nn.Module):
         The reference uses 1 (the default here), while clean rows get their
         hash-code similarity (about 0.5 with untrained hash layers).  So the
         better the flags, the more the flagged rows outweigh the clean ones:
-        ``benchmarks/results_train_cpu.md`` measures this on planted noise.
+        ``benchmarks/results/train_cpu.md`` measures this on planted noise.
         ``noisy_weight=0`` drops the flagged rows instead.  ``last_calibration``
         keeps the reference weights.
     """

@@ -25,12 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
+from guider_fast import _constants
+
 from ._launch import block_size, on_device
 
-# Constants of the reference (guider_fast.reference.calibration).
-IMAGE_OFFSET = 1e-8
-MINMAX_EPS = 1e-7
-COST_FLOOR = 1e-8
+# The reference's constants, as constexpr globals the kernels can name.
+IMAGE_OFFSET = tl.constexpr(_constants.CALIBRATION_IMAGE_OFFSET)
+MINMAX_EPS = tl.constexpr(_constants.CALIBRATION_MINMAX_EPS)
+SQRT_FLOOR = tl.constexpr(_constants.GEOMLOSS_SQRT_FLOOR)
 FEATURE_CHUNK = 64
 CODE_CHUNK = 64
 FINISH_BLOCK = 1024
@@ -38,7 +40,7 @@ FINISH_BLOCK = 1024
 
 @triton.jit
 def _geomloss_p1(sq):
-    return tl.sqrt_rn(tl.maximum(sq, 1e-8))
+    return tl.sqrt_rn(tl.maximum(sq, SQRT_FLOOR))
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def _calibration_rows_kernel(
             delta = t - v
             diff += tl.sum(delta * delta, axis=1)
         else:
-            v = tl.where(mask, v + 1e-8, 0.0)  # the reference's image offset
+            v = tl.where(mask, v + IMAGE_OFFSET, 0.0)
             tt += tl.sum(t * t, axis=1)
             vv += tl.sum(v * v, axis=1)
             tv += tl.sum(t * v, axis=1)
@@ -183,7 +185,7 @@ def _calibration_finish_kernel(dist_ptr, cand_ptr, partial_ptr, norm_ptr, clean_
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < batch
     distance = tl.load(dist_ptr + rows, mask=ok, other=0.0)
-    normalized = (distance - d_min) / ((d_max - d_min) + 1e-7)
+    normalized = (distance - d_min) / ((d_max - d_min) + MINMAX_EPS)
     clean = normalized < threshold
     candidate = tl.load(cand_ptr + rows, mask=ok, other=1.0)
     tl.store(norm_ptr + rows, normalized, mask=ok)

@@ -40,12 +40,16 @@ import torch
 import triton
 import triton.language as tl
 
+from guider_fast._constants import ADAGRAD_EPS as _ADAGRAD_EPS
+
 from ._launch import block_size, on_device
 
 # Sorted occurrences summed per loop iteration of a segment program.
 SEGMENT_CHUNK = 8
-ADAGRAD_EPS = 1e-10
-UPDATE_GRADIENT, UPDATE_SGD, UPDATE_ADAGRAD, UPDATE_STASH = 0, 1, 2, 3
+# What a segment program does with a row's summed gradient (its MODE): constexpr
+# globals, so the kernels can compare MODE with them by name.
+UPDATE_GRADIENT, UPDATE_SGD, UPDATE_ADAGRAD, UPDATE_STASH = (tl.constexpr(mode) for mode in range(4))
+ADAGRAD_EPS = tl.constexpr(_ADAGRAD_EPS)
 
 
 @triton.jit
@@ -91,6 +95,25 @@ def _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS: tl.co
 
 
 @triton.jit
+def _score_positive(u, p, u_squared, w_ptr, trip, mask, stride_w, scale, k_neg,
+                    HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS triplets' positive scores, squared norms so far, weights, and zeroed negative sums."""
+    w, c = _triplet_weights(w_ptr, trip, mask, stride_w, scale, k_neg, HAS_WEIGHTS, ROWS)
+    zeros = tl.zeros((ROWS,), dtype=tl.float32)
+    return tl.sum(u * p, axis=1), u_squared + tl.sum(p * p, axis=1), w, c, zeros, zeros
+
+
+@triton.jit
+def _score_negative(pos_score, u, n, c, trip, k, k_neg, mask, margin_ptr, coef_ptr):
+    """Store negative k's margins and coefficients G; return (logsigmoid, sigmoid(-margin))."""
+    margin = pos_score - tl.sum(u * n, axis=1)
+    log_sig, sig_neg = _logsigmoid_and_sigmoid_neg(margin)
+    tl.store(margin_ptr + trip * k_neg + k, margin, mask=mask)
+    tl.store(coef_ptr + trip * (k_neg + 1) + 1 + k, c * sig_neg, mask=mask)
+    return log_sig, sig_neg
+
+
+@triton.jit
 def _dbpr_forward_kernel(
     user_ptr, item_ptr, users_ptr, pos_ptr, neg_ptr, w_ptr,
     rows_ptr, coef_ptr, log_sig_ptr, margin_ptr,
@@ -103,18 +126,12 @@ def _dbpr_forward_kernel(
     trip, ok, feats, feat_ok, _, pos, u = _load_triplet_block(
         users_ptr, pos_ptr, user_ptr, batch, dim, stride_ur, stride_uc, BLOCK_B, BLOCK_D)
     p = _load_rows(item_ptr, pos, ok, feats, feat_ok, stride_ir, stride_ic)
-    pos_score = tl.sum(u * p, axis=1)
-    squares = tl.sum(u * u, axis=1) + tl.sum(p * p, axis=1)
-    w, c = _triplet_weights(w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS, BLOCK_B)
-    log_sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    sig_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    pos_score, squares, w, c, log_sig_sum, sig_sum = _score_positive(
+        u, p, tl.sum(u * u, axis=1), w_ptr, trip, ok, stride_w, scale, k_neg, HAS_WEIGHTS, BLOCK_B)
     for k in range(0, k_neg):
         neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=ok, other=0)
         n = _load_rows(item_ptr, neg, ok, feats, feat_ok, stride_ir, stride_ic)
-        margin = pos_score - tl.sum(u * n, axis=1)
-        log_sig, sig_neg = _logsigmoid_and_sigmoid_neg(margin)
-        tl.store(margin_ptr + trip * k_neg + k, margin, mask=ok)
-        tl.store(coef_ptr + trip * (k_neg + 1) + 1 + k, c * sig_neg, mask=ok)
+        log_sig, sig_neg = _score_negative(pos_score, u, n, c, trip, k, k_neg, ok, margin_ptr, coef_ptr)
         log_sig_sum += log_sig
         sig_sum += sig_neg
         squares += tl.sum(n * n, axis=1)
@@ -232,12 +249,29 @@ def _segment_start(keys_ptr, position):
 
 
 @triton.jit
+def _run_start(position, dim, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    """The state of a segment program walking its run of equal keys from ``position``."""
+    feats = tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, CHUNK)
+    grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    count = position.to(tl.float32) * 0.0
+    return feats, feats < dim, lanes, grad, count, position >= 0
+
+
+@triton.jit
+def _run_advance(in_run, count, position, CHUNK: tl.constexpr):
+    """Count the chunk's occurrences of the run; the run goes on while a chunk is full."""
+    n_in_run = tl.sum(in_run.to(tl.int32), axis=0)
+    return count + n_in_run.to(tl.float32), n_in_run == CHUNK, position + CHUNK
+
+
+@triton.jit
 def _finish_row(grad, key, position, count, table_ptr, out_ptr, acc_ptr, dim, feats, feat_ok,
                 stride_r, stride_c, lr, l2_scale, MODE: tl.constexpr):
     """Dispose of a row's summed gradient: store it (dense grad or stash) or update the row."""
-    if MODE == 0:
+    if MODE == UPDATE_GRADIENT:
         tl.store(out_ptr + key * dim + feats, grad, mask=feat_ok)
-    elif MODE == 3:
+    elif MODE == UPDATE_STASH:
         # Stash for _apply_stash_kernel: the gradient, and the run length in acc_ptr.
         tl.store(out_ptr + position * dim + feats, grad, mask=feat_ok)
         tl.store(acc_ptr + position, count)
@@ -246,10 +280,10 @@ def _finish_row(grad, key, position, count, table_ptr, out_ptr, acc_ptr, dim, fe
         old = tl.load(row_ptrs, mask=feat_ok, other=0.0).to(tl.float32)
         # Every occurrence of the row adds l2 * scale * row to its gradient.
         grad = grad + (l2_scale * count) * old
-        if MODE == 2:
+        if MODE == UPDATE_ADAGRAD:
             total = tl.load(acc_ptr + key) + tl.sum(grad * grad, axis=0) / dim
             tl.store(acc_ptr + key, total)
-            grad = grad / (tl.sqrt_rn(total) + 1e-10)
+            grad = grad / (tl.sqrt_rn(total) + ADAGRAD_EPS)
         tl.store(row_ptrs, (old - lr * grad).to(table_ptr.dtype.element_ty), mask=feat_ok)
 
 
@@ -268,12 +302,7 @@ def _item_segments_kernel(
     position = tl.program_id(0).to(tl.int64)
     key, starts = _segment_start(keys_ptr, position)
     if starts:
-        feats = tl.arange(0, BLOCK_D)
-        feat_ok = feats < dim
-        lanes = tl.arange(0, CHUNK)
-        grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        count = position.to(tl.float32) * 0.0
-        more = position >= 0
+        feats, feat_ok, lanes, grad, count, more = _run_start(position, dim, BLOCK_D, CHUNK)
         while more:
             offs = position + lanes
             in_run = tl.load(keys_ptr + offs, mask=offs < n_occurrences, other=-1) == key
@@ -287,10 +316,7 @@ def _item_segments_kernel(
             users = tl.load(users_ptr + trip, mask=in_run, other=0)
             u = _load_rows(user_ptr, users, in_run, feats, feat_ok, stride_ur, stride_uc)
             grad += tl.sum(g[:, None] * u, axis=0)
-            n_in_run = tl.sum(in_run.to(tl.int32), axis=0)
-            count += n_in_run.to(tl.float32)
-            more = n_in_run == CHUNK
-            position += CHUNK
+            count, more, position = _run_advance(in_run, count, position, CHUNK)
         _finish_row(grad, key, tl.program_id(0).to(tl.int64), count, table_ptr, out_ptr, acc_ptr,
                     dim, feats, feat_ok, stride_tr, stride_tc, lr, l2_scale, MODE)
 
@@ -312,15 +338,10 @@ def _user_segments_kernel(
     position = tl.program_id(0).to(tl.int64)
     key, starts = _segment_start(keys_ptr, position)
     if starts:
-        feats = tl.arange(0, BLOCK_D)
-        feat_ok = feats < dim
-        lanes = tl.arange(0, CHUNK)
+        feats, feat_ok, lanes, grad, count, more = _run_start(position, dim, BLOCK_D, CHUNK)
         u = tl.load(user_ptr + key * stride_ur + feats * stride_uc, mask=feat_ok,
                     other=0.0).to(tl.float32)
         u_squared = tl.sum(u * u, axis=0)
-        grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        count = position.to(tl.float32) * 0.0
-        more = position >= 0
         while more:
             offs = position + lanes
             in_run = tl.load(keys_ptr + offs, mask=offs < batch, other=-1) == key
@@ -330,20 +351,15 @@ def _user_segments_kernel(
             p = _load_rows(item_ptr, tl.load(pos_ptr + trip, mask=in_run, other=0), in_run, feats,
                            feat_ok, stride_ir, stride_ic)
             if FORWARD:
-                pos_score = tl.sum(p * u[None, :], axis=1)
-                squares = u_squared + tl.sum(p * p, axis=1)
-                w, c = _triplet_weights(w_ptr, trip, in_run, stride_w, scale, k_neg, HAS_WEIGHTS, CHUNK)
-                log_sig_sum = tl.zeros((CHUNK,), dtype=tl.float32)
-                sig_sum = tl.zeros((CHUNK,), dtype=tl.float32)
+                pos_score, squares, w, c, log_sig_sum, sig_sum = _score_positive(
+                    u[None, :], p, u_squared, w_ptr, trip, in_run, stride_w, scale, k_neg, HAS_WEIGHTS, CHUNK)
             for k in range(0, k_neg):
                 neg = tl.load(neg_ptr + trip * stride_nb + k * stride_nk, mask=in_run, other=0)
                 n = _load_rows(item_ptr, neg, in_run, feats, feat_ok, stride_ir, stride_ic)
                 if FORWARD:
-                    margin = pos_score - tl.sum(n * u[None, :], axis=1)
-                    log_sig, sig_neg = _logsigmoid_and_sigmoid_neg(margin)
+                    log_sig, sig_neg = _score_negative(pos_score, u[None, :], n, c, trip, k, k_neg, in_run,
+                                                       margin_ptr, coef_ptr)
                     g = c * sig_neg
-                    tl.store(margin_ptr + trip * k_neg + k, margin, mask=in_run)
-                    tl.store(coef_ptr + trip * (k_neg + 1) + 1 + k, g, mask=in_run)
                     log_sig_sum += log_sig
                     sig_sum += sig_neg
                     squares += tl.sum(n * n, axis=1)
@@ -358,10 +374,7 @@ def _user_segments_kernel(
             else:
                 g = tl.load(coef_ptr + trip * (k_neg + 1), mask=in_run, other=0.0)
             grad += tl.sum((g * grad_rows)[:, None] * p, axis=0)
-            n_in_run = tl.sum(in_run.to(tl.int32), axis=0)
-            count += n_in_run.to(tl.float32)
-            more = n_in_run == CHUNK
-            position += CHUNK
+            count, more, position = _run_advance(in_run, count, position, CHUNK)
         _finish_row(grad, key, tl.program_id(0).to(tl.int64), count, user_ptr, out_ptr, acc_ptr,
                     dim, feats, feat_ok, stride_ur, stride_uc, lr, l2 * scale, MODE)
 
@@ -401,6 +414,18 @@ def _table_strides(table):
     return table.stride(0), table.stride(1)
 
 
+def _triplet_block_args(user_table, item_table, users, pos_items, neg_items, weights, outputs):
+    """Leading arguments of the triplet-blocked kernels: inputs, outputs, sizes, strides.
+
+    Without weights the kernel never reads its weight pointer: the first output stands in.
+    """
+    batch, k_neg = neg_items.shape
+    return (user_table, item_table, users, pos_items, neg_items,
+            weights if weights is not None else outputs[0], *outputs,
+            batch, k_neg, user_table.shape[1], *_table_strides(user_table), *_table_strides(item_table),
+            neg_items.stride(0), neg_items.stride(1), weights.stride(0) if weights is not None else 0)
+
+
 def forward(user_table, item_table, users, pos_items, neg_items, weights, scale: float = 1.0,
             l2: float = 0.0):
     """Triplet-blocked forward: (terms (B,), coefficients G (B, K+1), mean logsigmoid (B,), margins (B, K))."""
@@ -414,12 +439,8 @@ def forward(user_table, item_table, users, pos_items, neg_items, weights, scale:
     block_b = _triplet_block(dim)
     with on_device(user_table):
         _dbpr_forward_kernel[(triton.cdiv(batch, block_b),)](
-            user_table, item_table, users, pos_items, neg_items,
-            weights if weights is not None else rows,
-            rows, coef, log_sig, margins,
-            batch, k_neg, dim, *_table_strides(user_table), *_table_strides(item_table),
-            neg_items.stride(0), neg_items.stride(1),
-            weights.stride(0) if weights is not None else 0,
+            *_triplet_block_args(user_table, item_table, users, pos_items, neg_items, weights,
+                                 (rows, coef, log_sig, margins)),
             float(scale), float(l2),
             HAS_WEIGHTS=weights is not None, BLOCK_B=block_b, BLOCK_D=_feature_block(dim),
             num_warps=4,
@@ -548,11 +569,9 @@ def atomic_sgd_step(user_table, item_table, users, pos_items, neg_items, weights
     block_b = _triplet_block(dim)
     with on_device(user_table):
         _dbpr_atomic_sgd_kernel[(triton.cdiv(batch, block_b),)](
-            user_table, item_table, users, pos_items, neg_items,
-            weights if weights is not None else rows, rows, margins,
-            batch, k_neg, dim, *_table_strides(user_table), *_table_strides(item_table),
-            neg_items.stride(0), neg_items.stride(1),
-            weights.stride(0) if weights is not None else 0, float(scale), float(l2), float(lr),
+            *_triplet_block_args(user_table, item_table, users, pos_items, neg_items, weights,
+                                 (rows, margins)),
+            float(scale), float(l2), float(lr),
             HAS_WEIGHTS=weights is not None, BLOCK_B=block_b, BLOCK_D=_feature_block(dim),
             BLOCK_K=block_size(k_neg, floor=2), num_warps=4,
         )

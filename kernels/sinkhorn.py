@@ -1,15 +1,21 @@
-"""Fused batched Sinkhorn, on-chip regime: one program per problem, every iteration in one launch.
+"""Triton kernels of the Sinkhorn family: batched OT, GeomLoss's SamplesLoss and their backward.
 
-Each program builds its (n, m) cost tile once (centred points, ``tl.dot`` over
-chunks of the feature dimension, IEEE fp32 products), keeps it on chip and runs
-the alternating log-domain updates of ``guider_fast.reference.sinkhorn`` (f from
-g, then g from f, POT's order) with the convergence test inside the kernel: a
-problem stops on its own at the first check (every ``CHECK_EVERY`` iterations)
-where its L1 row-marginal error is <= tol.  Zero weights are padding.
+* ``solve_onchip``: one program per problem for clouds of up to
+  ``SINKHORN_ONCHIP_MAX_POINTS`` points.  Each program builds its (n, m) cost tile
+  once (centred points, ``tl.dot`` over chunks of the feature dimension, IEEE fp32
+  products), keeps it on chip and runs the alternating log-domain updates of
+  ``guider_fast.reference.sinkhorn`` (f from g, then g from f, POT's order) with the
+  convergence test inside the kernel: a problem stops on its own at the first check
+  (every ``SINKHORN_CHECK_EVERY`` iterations) where its L1 row-marginal error is <= tol.
+* ``solve_streamed``: larger clouds, one launch per half-iteration; cost tiles are
+  recomputed from the points with an online log-sum-exp (O((n + m) d) memory).
+* ``samples_loss_potentials``: GeomLoss's annealed, debiased loop and its last
+  extrapolation in one launch (clouds of up to ``SINKHORN_ONCHIP_MAX_POINTS`` points).
+* ``weighted_cost_gradient``: the envelope backward, rebuilding the plan tile by tile
+  from the final potentials (never stored).
 
-Inputs: x (B, n, d), y (B, m, d), a (B, n), b (B, m) of any float dtype and
-strides (loaded, then computed in fp32).  Outputs: f (B, n), g (B, m) fp32, the
-marginal error (B,) and the iterations run (B,) int32.
+Zero weights are padding.  Inputs of any float dtype and strides are loaded and
+computed in fp32; potentials and gradients come back in fp32.
 
 This module imports triton; ``guider_fast`` imports it only when the "triton"
 backend is used.
@@ -19,10 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from guider_fast.reference.sinkhorn import CHECK_EVERY
+from guider_fast import _constants
 
 from ._launch import block_size as _block
 from ._launch import on_device as _on_device
+
+# The reference's floors, as constexpr globals the kernels can name.
+SQRT_FLOOR = tl.constexpr(_constants.GEOMLOSS_SQRT_FLOOR)
+LOG_ZERO = tl.constexpr(_constants.GEOMLOSS_LOG_ZERO)
+DISTANCE_FLOOR = tl.constexpr(_constants.DISTANCE_FLOOR)
+# Guards log() of the masked-out lanes of a weight vector (the tl.where picks another
+# value there); float32's smallest normal, as the reference's torch.finfo(...).tiny.
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -94,8 +108,8 @@ def _sinkhorn_onchip_kernel(
 
     a = tl.load(a_ptr + problem * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + problem * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
-    log_a = tl.where(a > 0, tl.log(tl.maximum(a, 1e-38)), float("-inf"))
-    log_b = tl.where(b > 0, tl.log(tl.maximum(b, 1e-38)), float("-inf"))
+    log_a = tl.where(a > 0, tl.log(tl.maximum(a, FLOAT32_TINY)), float("-inf"))
+    log_b = tl.where(b > 0, tl.log(tl.maximum(b, FLOAT32_TINY)), float("-inf"))
     inv_eps = tl.div_rn(1.0, eps)
     scaled_cost = cost * inv_eps
 
@@ -160,7 +174,7 @@ def solve_onchip(x, y, a, b, eps: float, p: int, n_iters: int, tol):
             y.stride(0), y.stride(1), y.stride(2),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             float(eps), int(n_iters), float(tol if tol is not None else 0.0),
-            P=p, USE_TOL=tol is not None, CHECK=CHECK_EVERY,
+            P=p, USE_TOL=tol is not None, CHECK=_constants.SINKHORN_CHECK_EVERY,
             BLOCK_N=_block(n), BLOCK_M=_block(m), BLOCK_D=feature_block(d, max(_block(n), _block(m))),
             num_warps=_warps_for_tile(_block(n), _block(m)),
         )
@@ -191,15 +205,15 @@ def _geomloss_cost_tile(u_ptr, v_ptr, u_rows, v_rows, d, stride_un, stride_ud, s
     if P == 2:
         return sq / 2.0
     else:
-        return tl.sqrt_rn(tl.maximum(sq, 1e-8))
+        return tl.sqrt_rn(tl.maximum(sq, SQRT_FLOOR))
 
 
 @triton.jit
 def _geomloss_log_weights(w_ptr, stride, count, BLOCK: tl.constexpr):
-    # GeomLoss: log w, with -100000 for zero weights; lanes past the cloud are -inf.
+    # GeomLoss: log w, with LOG_ZERO for zero weights; lanes past the cloud are -inf.
     rows = tl.arange(0, BLOCK)
     w = tl.load(w_ptr + rows * stride, mask=rows < count, other=0.0).to(tl.float32)
-    logs = tl.where(w > 0, tl.log(tl.maximum(w, 1e-38)), -100000.0)
+    logs = tl.where(w > 0, tl.log(tl.maximum(w, FLOAT32_TINY)), LOG_ZERO)
     return tl.where(rows < count, logs, float("-inf"))
 
 
@@ -391,7 +405,7 @@ def solve_streamed(x, y, a, b, eps: float, p: int, n_iters: int, tol,
     """Streamed regime: one launch per half-iteration, O((n + m) d) memory.
 
     Runs the reference's alternating loop (``iterate``: all problems stop together,
-    the tol test every ``CHECK_EVERY`` iterations) with the soft-min half-steps
+    the tol test every ``SINKHORN_CHECK_EVERY`` iterations) with the soft-min half-steps
     computed by ``_softmin_streamed_kernel``.  Returns (f, g, marginal_error, n_iters).
     """
     from guider_fast.reference.sinkhorn import iterate, log_weights
@@ -454,7 +468,7 @@ def _envelope_rows_kernel(
             if P == 2:
                 cost = 0.5 * sq
             else:
-                cost = tl.sqrt_rn(tl.maximum(sq, 1e-8))
+                cost = tl.sqrt_rn(tl.maximum(sq, SQRT_FLOOR))
         else:
             sq = tl.maximum(sq, 0.0)
             if P == 2:
@@ -466,9 +480,9 @@ def _envelope_rows_kernel(
             mass += tl.sum(weights, axis=1)
         if P == 1:
             if GEOMLOSS_COST:
-                weights = tl.where(sq > 1e-8, weights / cost, 0.0)
+                weights = tl.where(sq > SQRT_FLOOR, weights / cost, 0.0)
             else:
-                weights = tl.where(cost > 0, weights / tl.maximum(cost, 1e-30), 0.0)
+                weights = tl.where(cost > 0, weights / tl.maximum(cost, DISTANCE_FLOOR), 0.0)
         rowsum += tl.sum(weights, axis=1)
         weighted += tl.dot(weights, v, input_precision="ieee")
     scale = tl.load(scale_ptr + problem * stride_sb + ru, mask=u_ok, other=0.0)

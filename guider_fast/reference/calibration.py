@@ -1,14 +1,12 @@
-"""Reference AMSC calibration (GUIDER spec section 1), vectorised, no host syncs."""
+"""Reference AMSC calibration (GUIDER's modality-disagreement weights), vectorised, no host syncs."""
 
 from __future__ import annotations
 
 import torch
 
+from .._constants import CALIBRATION_IMAGE_OFFSET, CALIBRATION_MINMAX_EPS
 from .samples_loss import one_point_divergence, sinkhorn_divergence
 
-# The reference perturbs the image side before GeomLoss: v + 1e-8.
-IMAGE_OFFSET = 1e-8
-MINMAX_EPS = 1e-7
 # GeomLoss("sinkhorn", p=1, blur=0.1) as called by the reference.
 GEOMLOSS_P, GEOMLOSS_BLUR = 1, 0.1
 
@@ -33,7 +31,7 @@ def modality_distance(t: torch.Tensor, v: torch.Tensor, distance: str) -> torch.
         if t.dim() == 3:
             raise ValueError('distance="euclidean" needs (B, d) rows, not point clouds')
         return torch.linalg.vector_norm(t - v, dim=-1)
-    v_shift = v + IMAGE_OFFSET
+    v_shift = v + CALIBRATION_IMAGE_OFFSET
     if t.dim() == 2:
         ones = torch.ones(t.shape[0], 1, dtype=t.dtype, device=t.device)
         return one_point_divergence(ones, t.unsqueeze(1), ones, v_shift.unsqueeze(1),
@@ -49,7 +47,7 @@ def minmax_normalize(d: torch.Tensor) -> torch.Tensor:
     """(d - min) / (max - min + 1e-7) over the batch; all-equal batches give 0 (no branch)."""
     lo = d.amin()
     hi = d.amax()
-    return (d - lo) / (hi - lo + MINMAX_EPS)
+    return (d - lo) / (hi - lo + CALIBRATION_MINMAX_EPS)
 
 
 def sign_similarity(code_a: torch.Tensor, code_b: torch.Tensor) -> torch.Tensor:

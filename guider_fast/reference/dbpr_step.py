@@ -3,7 +3,7 @@
 Only the rows that appear in the batch are read and written.  The gradients of
 all occurrences of a row are summed, then applied once (as dense autograd
 followed by the optimizer).  How, on CPU (measured at 100k users x 1M items,
-D = 64, B = 65,536, one thread; see benchmarks/results_dbpr_cpu.md):
+D = 64, B = 65,536, one thread; see benchmarks/results/dbpr_cpu.md):
 
 * one stable sort of the batch's user and item indices together (int32 keys where
   they fit: torch's radix sort runs twice as fast on them), then per table one
@@ -38,9 +38,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .._constants import ADAGRAD_EPS
 from .dbpr import _compute, scaled_sigmoid
-
-ADAGRAD_EPS = 1e-10
 
 _LOCAL = threading.local()
 

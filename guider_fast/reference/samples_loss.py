@@ -12,10 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sinkhorn import _EXP_FLOOR, softmin_
-
-# GeomLoss replaces log(0) by this value (not -inf) for zero weights.
-_LOG_ZERO = -100000.0
+from .._constants import EXP_FLOOR, GEOMLOSS_LOG_ZERO, GEOMLOSS_SQRT_FLOOR
+from .sinkhorn import softmin_
 
 
 def geomloss_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
@@ -28,14 +26,14 @@ def geomloss_cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
     d_yy = (y * y).sum(-1).unsqueeze(1)
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         sq = d_xx - 2 * torch.matmul(x, y.transpose(1, 2)) + d_yy
-        return sq / 2 if p == 2 else torch.sqrt(torch.clamp_min(sq, 1e-8))
+        return sq / 2 if p == 2 else torch.sqrt(torch.clamp_min(sq, GEOMLOSS_SQRT_FLOOR))
     sq = torch.matmul(x, y.transpose(1, 2)).mul_(-2.0).add_(d_xx).add_(d_yy)
-    return sq.div_(2) if p == 2 else sq.clamp_min_(1e-8).sqrt_()
+    return sq.div_(2) if p == 2 else sq.clamp_min_(GEOMLOSS_SQRT_FLOOR).sqrt_()
 
 
 def geomloss_log_weights(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, w.clamp_min(torch.finfo(w.dtype).tiny).log(),
-                       torch.full_like(w, _LOG_ZERO))
+                       torch.full_like(w, GEOMLOSS_LOG_ZERO))
 
 
 def bounding_box_diameter(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -99,15 +97,15 @@ class ExtrapolatedSoftmin(torch.autograd.Function):
         x, y, h, f = ctx.saved_tensors
         eps, p = ctx.eps, ctx.p
         sq = geomloss_cost(x, y, 2).mul_(2.0)
-        cost = sq.div(2.0) if p == 2 else torch.sqrt(torch.clamp_min(sq, 1e-8))
+        cost = sq.div(2.0) if p == 2 else torch.sqrt(torch.clamp_min(sq, GEOMLOSS_SQRT_FLOOR))
         if p == 2:
             del sq
         # pi_ij = exp(h_j - C_ij/eps + f_i/eps): the soft-max weights of row i.
         weights = torch.add(h.unsqueeze(1), cost, alpha=-1.0 / eps).add_((f / eps).unsqueeze(2))
-        weights.clamp_(min=_EXP_FLOOR).exp_()
+        weights.clamp_(min=EXP_FLOOR).exp_()
         if p == 1:
             # d sqrt(max(sq, 1e-8)) / dx = (x - y) / C where unclamped, else 0.
-            weights = torch.where(sq > 1e-8, weights / cost, torch.zeros_like(weights))
+            weights = torch.where(sq > GEOMLOSS_SQRT_FLOOR, weights / cost, torch.zeros_like(weights))
         weights.mul_(grad_f.unsqueeze(2))
         grad_x = weights.sum(2, keepdim=True) * x - torch.bmm(weights, y)
         return grad_x, None, None, None, None

@@ -18,15 +18,7 @@ from __future__ import annotations
 
 import torch
 
-# exp() of arguments in [-103, -88] yields float32 subnormals, which torch's CPU
-# exp computes about 140x slower (see PERF_NOTES).  Clamping to -80 keeps every
-# term above the subnormal range; the clamped terms are < 1.9e-35 next to the
-# row maximum's exp(0) = 1, i.e. far below one ulp of the sum.
-_EXP_FLOOR = -80.0
-
-# How often the tol-based stopping rule looks at the marginal error: one host
-# sync per check, never one per iteration.
-CHECK_EVERY = 10
+from .._constants import DISTANCE_FLOOR, EXP_FLOOR, SINKHORN_CHECK_EVERY
 
 
 def centered(x: torch.Tensor, y: torch.Tensor):
@@ -74,9 +66,8 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
     sq = squared_distances(x, y)
     if p == 2:
         return sq.mul_(0.5) if not sq.requires_grad else sq * 0.5
-    # The clamp keeps autodiff finite at coincident points (d sqrt(0) = inf);
-    # 1e-30 changes no float32/float64 distance that is not already ~0.
-    return sq.clamp_min(1e-30).sqrt() if sq.requires_grad else sq.sqrt_()
+    # The clamp keeps autodiff finite at coincident points (d sqrt(0) = inf).
+    return sq.clamp_min(DISTANCE_FLOOR).sqrt() if sq.requires_grad else sq.sqrt_()
 
 
 def log_weights(w: torch.Tensor) -> torch.Tensor:
@@ -147,13 +138,13 @@ def iterate(update_f, update_g, a, b, eps, n_iters, tol):
     """The alternating loop shared by every solver: f from g, then g from f (POT's order).
 
     ``update_f(g)`` and ``update_g(f)`` are the soft-min half-steps; the tol test
-    reads the row-marginal error every ``CHECK_EVERY`` iterations (one host sync).
+    reads the row-marginal error every ``SINKHORN_CHECK_EVERY`` iterations (one host sync).
     """
     f = torch.zeros_like(a)
     g = torch.zeros_like(b)
     for it in range(n_iters):
         f_new = update_f(g)
-        if tol is not None and it > 0 and it % CHECK_EVERY == 0:
+        if tol is not None and it > 0 and it % SINKHORN_CHECK_EVERY == 0:
             error = _row_marginal_error(f.detach(), f_new.detach(), a.detach(), eps)
             if bool((error <= tol).all()):
                 return SinkhornState(f, g, it, error)
@@ -168,7 +159,7 @@ def solve_detached(cost, a, b, eps, n_iters, tol=None):
     """Alternating log-domain Sinkhorn without autograd; returns a ``SinkhornState``.
 
     ``cost`` (B, n, m), ``a`` (B, n), ``b`` (B, m).  Runs ``n_iters`` iterations
-    or stops at the first check (every ``CHECK_EVERY`` iterations) where every
+    or stops at the first check (every ``SINKHORN_CHECK_EVERY`` iterations) where every
     problem's row-marginal L1 error is <= ``tol``.  One (B, n, m) work buffer.
     """
     with torch.no_grad():
@@ -207,7 +198,7 @@ def plan(cost, a, b, f, g, eps):
 def linear_value(cost, a, b, f, g, eps):
     """<P, C> per problem (POT ``sinkhorn2`` convention), without autograd."""
     with torch.no_grad():
-        lp = log_plan(cost, a, b, f, g, eps).clamp_(min=_EXP_FLOOR).exp_()
+        lp = log_plan(cost, a, b, f, g, eps).clamp_(min=EXP_FLOOR).exp_()
         return (lp * cost).sum(dim=(1, 2))
 
 
@@ -219,8 +210,8 @@ def _envelope_block(x, y, a, b, f, g, eps, p):
     """Plan weights of one block of rows: P (p=2) or P / C (p=1), zero on padding."""
     cost = cost_matrix(x, y, p)
     if p == 1:
-        inverse_cost = torch.where(cost > 0, cost.clamp_min(1e-30).reciprocal(), torch.zeros_like(cost))
-    weights = log_plan_(cost, a, b, f, g, eps).clamp_(min=_EXP_FLOOR).exp_()
+        inverse_cost = torch.where(cost > 0, cost.clamp_min(DISTANCE_FLOOR).reciprocal(), torch.zeros_like(cost))
+    weights = log_plan_(cost, a, b, f, g, eps).clamp_(min=EXP_FLOOR).exp_()
     if p == 1:
         weights.mul_(inverse_cost)
     # Padding rows/columns have exactly zero mass; the exp floor must not leak into them.
