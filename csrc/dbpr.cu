@@ -1,0 +1,144 @@
+// DBPR forward kernel (the CUDA twin of kernels/dbpr.py's _dbpr_forward_kernel).
+//
+// One warp per triplet, kWarps triplets per block.  The lanes stride over the
+// D features; each dot product is a per-lane FMA chain reduced by a fixed
+// xor-shuffle tree, so the result does not depend on thread scheduling.  The
+// user row is re-read per negative (an L1 hit) instead of kept in registers:
+// no compile-time bound on D.  Sums use explicitly rounded intrinsics (no FMA
+// contraction by nvcc); expf/log1pf are CUDA's libm on the GPU and the host's
+// in the sim (a few ulp apart: see csrc/README.md).
+#include "cuda_compat.h"
+#include "guider_fast_cuda.h"
+
+namespace guider_fast {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarp;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float load_weight(const void* w, int dtype, int64_t at) {
+  switch (dtype) {
+    case 1: return __half2float(static_cast<const __half*>(w)[at]);
+    case 2: return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[at]);
+    default: return static_cast<const float*>(w)[at];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x = __fadd_rn(x, __shfl_xor_sync(kFull, x, offset));
+  return x;
+}
+
+// (logsigmoid(x), sigmoid(-x)) without overflow for any finite x.
+__device__ __forceinline__ void logsigmoid_and_sigmoid_neg(float x, float* log_sig, float* sig_neg) {
+  const float e = expf(-fabsf(x));
+  const float one_plus = __fadd_rn(1.0f, e);
+  *log_sig = __fsub_rn(fminf(x, 0.0f), log1pf(e));
+  *sig_neg = x >= 0.0f ? __fdiv_rn(e, one_plus) : __fdiv_rn(1.0f, one_plus);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dbpr_forward_kernel(const T* __restrict__ user, int64_t u_sr, int64_t u_sc, const T* __restrict__ item,
+                        int64_t i_sr, int64_t i_sc, const int64_t* __restrict__ users,
+                        const int64_t* __restrict__ pos_items, const int64_t* __restrict__ neg_items, int64_t n_sr,
+                        int64_t n_sc, const void* __restrict__ weights, int weights_dtype, int64_t w_stride,
+                        int64_t batch, int64_t k_neg, int64_t dim, float scale, float l2, float* __restrict__ rows,
+                        float* __restrict__ coef, float* __restrict__ log_sig_out, float* __restrict__ margins) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  if (b >= batch) return;  // warp-uniform; the kernel has no barrier
+  const T* u = user + users[b] * u_sr;
+  const T* p = item + pos_items[b] * i_sr;
+  float up = 0.0f, uu = 0.0f, pp = 0.0f;
+  for (int64_t d = lane; d < dim; d += kWarp) {
+    const float x = to_float(u[d * u_sc]), y = to_float(p[d * i_sc]);
+    up = __fmaf_rn(x, y, up);
+    uu = __fmaf_rn(x, x, uu);
+    pp = __fmaf_rn(y, y, pp);
+  }
+  const float pos_score = warp_sum(up);
+  float squares = __fadd_rn(warp_sum(uu), warp_sum(pp));
+  const float w = weights ? load_weight(weights, weights_dtype, b * w_stride) : 1.0f;
+  const float c = __fmul_rn(w, __fdiv_rn(scale, static_cast<float>(k_neg)));
+  float log_sig_sum = 0.0f, sig_sum = 0.0f;
+  for (int64_t k = 0; k < k_neg; ++k) {
+    const T* n = item + neg_items[b * n_sr + k * n_sc] * i_sr;
+    float un = 0.0f, nn = 0.0f;
+    for (int64_t d = lane; d < dim; d += kWarp) {
+      const float x = to_float(u[d * u_sc]), y = to_float(n[d * i_sc]);
+      un = __fmaf_rn(x, y, un);
+      nn = __fmaf_rn(y, y, nn);
+    }
+    const float margin = __fsub_rn(pos_score, warp_sum(un));
+    squares = __fadd_rn(squares, warp_sum(nn));
+    float log_sig, sig_neg;
+    logsigmoid_and_sigmoid_neg(margin, &log_sig, &sig_neg);
+    log_sig_sum = __fadd_rn(log_sig_sum, log_sig);
+    sig_sum = __fadd_rn(sig_sum, sig_neg);
+    if (lane == 0) {
+      if (margins) margins[b * k_neg + k] = margin;
+      coef[b * (k_neg + 1) + 1 + k] = __fmul_rn(c, sig_neg);
+    }
+  }
+  if (lane == 0) {
+    const float mean = __fdiv_rn(log_sig_sum, static_cast<float>(k_neg));
+    coef[b * (k_neg + 1)] = __fmul_rn(-c, sig_sum);
+    log_sig_out[b] = mean;
+    rows[b] = __fadd_rn(__fmul_rn(-w, mean), __fmul_rn(__fmul_rn(0.5f, l2), squares));
+  }
+}
+
+template <typename T>
+cudaError_t launch(const MatrixView& ut, const MatrixView& it, const int64_t* users, const int64_t* pos,
+                   const int64_t* neg, int64_t n_sr, int64_t n_sc, const void* weights, DType wd, int64_t w_stride,
+                   int64_t batch, int64_t k_neg, int64_t dim, float scale, float l2, const DbprForwardOutputs& out,
+                   cudaStream_t stream) {
+  auto kernel = &dbpr_forward_kernel<T>;
+  const unsigned grid = static_cast<unsigned>((batch + kWarps - 1) / kWarps);
+  GF_LAUNCH(kernel, dim3(grid), dim3(kThreads), 0, stream)
+  (static_cast<const T*>(ut.data), ut.stride_row, ut.stride_col, static_cast<const T*>(it.data), it.stride_row,
+   it.stride_col, users, pos, neg, n_sr, n_sc, weights, static_cast<int>(wd), w_stride, batch, k_neg, dim, scale, l2,
+   out.rows, out.coef, out.log_sig, out.margins);
+  return cudaGetLastError();
+}
+
+bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16; }
+
+}  // namespace
+
+cudaError_t dbpr_forward(MatrixView user_table, MatrixView item_table, const int64_t* users,
+                         const int64_t* pos_items, const int64_t* neg_items, int64_t neg_stride_row,
+                         int64_t neg_stride_col, const void* weights, DType weights_dtype, int64_t weights_stride,
+                         int64_t batch, int64_t k_neg, int64_t dim, float scale, float l2,
+                         const DbprForwardOutputs& out, cudaStream_t stream) {
+  if (batch < 1 || k_neg < 1 || dim < 0 || !users || !pos_items || !neg_items || !out.rows || !out.coef ||
+      !out.log_sig || (dim > 0 && (!user_table.data || !item_table.data)) || !valid_dtype(user_table.dtype) ||
+      item_table.dtype != user_table.dtype || (weights && !valid_dtype(weights_dtype)) ||
+      (batch + kWarps - 1) / kWarps > 2147483647) {
+    return cudaErrorInvalidValue;
+  }
+  switch (user_table.dtype) {
+    case DType::Float32:
+      return launch<float>(user_table, item_table, users, pos_items, neg_items, neg_stride_row, neg_stride_col,
+                           weights, weights_dtype, weights_stride, batch, k_neg, dim, scale, l2, out, stream);
+    case DType::Float16:
+      return launch<__half>(user_table, item_table, users, pos_items, neg_items, neg_stride_row, neg_stride_col,
+                            weights, weights_dtype, weights_stride, batch, k_neg, dim, scale, l2, out, stream);
+    case DType::BFloat16:
+      return launch<__nv_bfloat16>(user_table, item_table, users, pos_items, neg_items, neg_stride_row,
+                                   neg_stride_col, weights, weights_dtype, weights_stride, batch, k_neg, dim, scale,
+                                   l2, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace guider_fast

@@ -1,0 +1,101 @@
+// guider_fast's CUDA backend: the only interface a binding uses.
+//
+// Raw device pointers, sizes and a stream; no torch headers.  Every function
+// validates its sizes, enqueues its kernels on `stream` and returns the launch
+// status (cudaSuccess, or the error of the first failed launch; an invalid
+// argument returns cudaErrorInvalidValue and launches nothing).  Nothing is
+// read back to the host: the ops can be captured in a CUDA graph.
+//
+// Under GUIDER_FAST_CUDA_SIM the same functions run on the CPU emulation
+// (csrc/sim) and take host pointers.
+#pragma once
+
+#include <cstdint>
+
+#ifdef GUIDER_FAST_CUDA_SIM
+#include "sim/cuda_sim.h"
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+namespace guider_fast {
+namespace cuda {
+
+enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// A (rows, cols) matrix of `dtype` elements; strides in elements (any sign-free layout).
+struct MatrixView {
+  const void* data;
+  DType dtype;
+  int64_t stride_row;
+  int64_t stride_col;
+};
+
+// ------------------------------------------------------------------ calibration (AMSC)
+//
+// Semantics of guider_fast.reference.calibration.calibrate for (B, d) rows,
+// computed in float32 whatever the input dtype, as the Triton kernels do:
+//   distance   "geomloss": C(t, v') - (C(t, t) + C(v', v'))/2 with v' = v + 1e-8 and
+//              C(x, y) = sqrt(max((|x|^2 - 2 x.y) + |y|^2, 1e-8)), so C(x, x) is
+//              exactly sqrt(1e-8) (GeomLoss's expanded cost leaves cancellation
+//              residue there); "euclidean": |t - v|.
+//   normalized (distance - min) / ((max - min) + 1e-7) over the batch;
+//   clean      normalized < threshold (stored as 0/1 bytes: torch.bool storage);
+//   weights    clean ? clamp(((s_t + 1)/2 + (s_v + 1)/2)/2, 0, 1) : 1 with
+//              s_x = (sign(u) . sign(x)) / bits, sign(0) = 0 (ternary codes).
+// Min and max ignore NaN distances (fminf/fmaxf), the reference propagates them.
+struct CalibrationOutputs {
+  float* weights;     // (B,)
+  uint8_t* clean;     // (B,)
+  float* distance;    // (B,)
+  float* normalized;  // (B,)
+  float* workspace;   // calibration_workspace_floats(B) floats, no initialisation needed
+};
+
+// Floats of scratch the calibration launches need for a batch of `batch` rows.
+int64_t calibration_workspace_floats(int64_t batch);
+
+// t, v: (batch, dim) features (one dtype); u_code, t_code, v_code: (batch, bits)
+// hash-layer outputs (one dtype, any of the three).  batch >= 1, dim >= 0, bits >= 1.
+cudaError_t calibrate_rows(MatrixView t, MatrixView v, MatrixView u_code, MatrixView t_code, MatrixView v_code,
+                           int64_t batch, int64_t dim, int64_t bits, float threshold, bool euclidean,
+                           const CalibrationOutputs& out, cudaStream_t stream);
+
+// Frozen-item cache (guider_fast.calibration.calibrate_items): distance and
+// codes of item items[r] gathered from item_distance (n_items,) and packed
+// codes (n_items, words) int64 (bit j of word j / 64: code_j < 0 in *_sign,
+// code_j != 0 in *_nonzero); u_code (batch, bits) is packed in-kernel.
+// words == ceil(bits / 64).  Indices are not range-checked (the caller validates).
+cudaError_t calibrate_cached(const int64_t* items, const float* item_distance, MatrixView u_code,
+                             const int64_t* text_sign, const int64_t* text_nonzero, const int64_t* image_sign,
+                             const int64_t* image_nonzero, int64_t words, int64_t batch, int64_t bits,
+                             float threshold, const CalibrationOutputs& out, cudaStream_t stream);
+
+// ------------------------------------------------------------------ DBPR forward
+//
+// Gather-and-score (the CUDA twin of kernels/dbpr.py's forward): triplet b has
+// user row u = user_table[users[b]], positive p = item_table[pos_items[b]] and K
+// negatives n_k = item_table[neg_items[b, k]]; margin_bk = <u, p> - <u, n_k>,
+// s_bk = sigmoid(-margin_bk), c_b = w_b * scale / K (w = 1 without weights):
+//   rows[b]        -w_b * mean_k logsigmoid(margin_bk) + (l2 / 2) (|u|^2 + |p|^2 + sum_k |n_k|^2)
+//   coef[b, 0]     -c_b sum_k s_bk        (the score coefficients G, (B, K+1) row-major)
+//   coef[b, 1 + k]  c_b s_bk
+//   log_sig[b]     mean_k logsigmoid(margin_bk)
+//   margins[b, k]  margin_bk              ((B, K) row-major; may be null: not stored)
+// float32 math whatever the table dtype (both tables one dtype).  Indices are
+// not range-checked (the caller validates).  batch >= 1, k_neg >= 1, dim >= 0.
+struct DbprForwardOutputs {
+  float* rows;     // (B,)
+  float* coef;     // (B, K + 1)
+  float* log_sig;  // (B,)
+  float* margins;  // (B, K) or null
+};
+
+cudaError_t dbpr_forward(MatrixView user_table, MatrixView item_table, const int64_t* users,
+                         const int64_t* pos_items, const int64_t* neg_items, int64_t neg_stride_row,
+                         int64_t neg_stride_col, const void* weights, DType weights_dtype, int64_t weights_stride,
+                         int64_t batch, int64_t k_neg, int64_t dim, float scale, float l2,
+                         const DbprForwardOutputs& out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace guider_fast
