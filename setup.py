@@ -23,6 +23,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "pot>=0.9.6", "geomloss==0.3.1", "hypothesis"],
         # guider-fast bench's PNG plot; without it the command writes the markdown only.
         "bench": ["matplotlib"],
+        # guider-fast train --plot; without it the run trains and says that no plot was written.
+        "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
 )

@@ -4,11 +4,12 @@ Modules
 -------
 data       InteractionData, load_mmrec(path), synthetic(...), with_synthetic_features(data), NegativeSampler
 models     GraphRecommender (LightGCN + a frozen item-item kNN graph)
-evaluate   full_sort_topk, ranking_metrics (full-catalogue Recall@K / NDCG@K)
+evaluate   full_sort_topk, ranking_metrics (full-catalogue Recall@K / NDCG@K), popularity_metrics
 distill    kl_distill_loss (streamed), kl_distill_dense, ot_distill_loss
-config     TrainConfig: the settings, each with its command-line help
+config     TrainConfig: the settings, each with its command-line help; PRESETS (GUIDER's settings)
 trainer    Trainer (the run in named steps), train(config), format_result(result), mgda_weights
 progress   the per-epoch progress display
+plot       plot_history(result, path): the training curves (matplotlib, imported only there)
 cli        the ``guider-fast train`` options, built from TrainConfig's fields
 
 ``from guider_fast.train import TrainConfig, train`` loads the trainer on first use, so

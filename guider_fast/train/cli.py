@@ -2,16 +2,22 @@
 
 Each field's metadata (``config.option``) gives the help text and, where set, the flag
 and the choices; the annotation gives the type.  A boolean field that defaults to False
-is a switch; one that defaults to True is turned off by its ``--no-...`` flag.
+is a switch; one that defaults to True is turned off by its ``--no-...`` flag; one that
+defaults to None (the preset decides) takes ``--flag`` and ``--no-flag``.
+
+``run`` prints one line and exits 2 for a user's mistake, and on Ctrl-C says where the last
+checkpoint is and the command that resumes it (exit 130), without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
 import sys
 import typing
-from typing import Dict
+from typing import Dict, List
 
 from .config import TrainConfig
 
@@ -37,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, f in _options().items():
         kind, help = _value_type(hints[f.name]), f.metadata["help"]
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                                help=help)
+            action = (argparse.BooleanOptionalAction if f.default is None
+                      else "store_false" if f.default else "store_true")
+            parser.add_argument(flag, dest=f.name, action=action, default=f.default, help=help)
             continue
         choices = f.metadata.get("choices")
         if f.default is not None:
@@ -51,12 +58,51 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in _options().values()})
 
 
-def run(args: argparse.Namespace) -> int:
-    from .trainer import format_result, train
+def command_line(config: TrainConfig) -> List[str]:
+    """``guider-fast train`` arguments that rebuild ``config`` (the options that differ from
+    their defaults)."""
+    argv = ["guider-fast", "train"]
+    for flag, f in _options().items():
+        value = getattr(config, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if f.default is not None or value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
 
+
+def _interrupted(config: TrainConfig, trainer) -> str:
+    """What a Ctrl-C leaves: where the last checkpoint is and how to continue from it."""
+    epoch = trainer.state.epoch if trainer is not None else 0
+    where = f"after epoch {epoch}" if epoch else "before the first epoch ended"
+    if not config.checkpoint:
+        return (f"guider-fast train: interrupted {where}; no checkpoint was written (pass --checkpoint PATH "
+                f"to be able to resume a run)")
+    if trainer is None or not trainer.saved_epoch or not os.path.exists(config.checkpoint):
+        if config.resume and os.path.exists(config.checkpoint):
+            resumed = dataclasses.replace(config, overwrite=False)
+            return (f"guider-fast train: interrupted {where}; the checkpoint {config.checkpoint} is as it was: "
+                    f"continue with: {shlex.join(command_line(resumed))}")
+        return f"guider-fast train: interrupted {where}; no checkpoint written yet to {config.checkpoint}"
+    resumed = dataclasses.replace(config, resume=True, overwrite=False)
+    return (f"guider-fast train: interrupted; last checkpoint {config.checkpoint} (epoch {trainer.saved_epoch}); "
+            f"continue with: {shlex.join(command_line(resumed))}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import Trainer, format_result
+
+    config = config_from_args(args)
+    trainer = None
     try:
-        result = train(config_from_args(args))
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        trainer = Trainer(config)
+        result = trainer.run()
+    except KeyboardInterrupt:
+        print(_interrupted(config, trainer), file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"guider-fast train: {error}", file=sys.stderr)
         return 2
     print(format_result(result))

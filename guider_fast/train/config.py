@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -10,12 +11,25 @@ from typing import Optional, Tuple
 from .._dispatch import BACKENDS
 
 LOSSES = ("guider", "bpr")
+# GUIDER's calibration settings by preset; a field left at None takes its preset's value.
+PRESETS = {
+    # GUIDER as published (and ``GuiderLoss``'s defaults): random projections, flagged rows
+    # weighted 1, clean below a normalised distance of 0.7.
+    "reference": {"align": False, "noisy_weight": 1.0, "threshold": 0.7},
+    # The recipe that denoises planted noise (threshold chosen on validation,
+    # benchmarks/results/train_cpu.md part 1c): aligned projections, flagged rows dropped.
+    "denoise": {"align": True, "noisy_weight": 0.0, "threshold": 0.3},
+}
+DEFAULT_PRESET = "denoise"
 DISTILL = ("none", "kl", "ot")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 SELECT_METRIC = "recall@20"
-# The settings a checkpoint must share with the run that resumes from it.
+# The settings a checkpoint must share with the run that resumes from it (compared after the
+# preset is applied).
 RESUME_KEYS = ("data", "dim", "n_layers", "knn", "loss", "seed", "batch_size", "n_users", "n_items",
                "noise", "distill", "threshold", "align", "noisy_weight")
+_PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items())
+                         for name, values in PRESETS.items())
 
 
 def option(default, help: str, *, flag: Optional[str] = None, choices: Optional[tuple] = None,
@@ -39,11 +53,16 @@ class TrainConfig:
     lr: float = option(1e-3, "Adam learning rate")
     reg_weight: float = option(1e-4, "L2 weight on the batch's ID embeddings")
     loss: str = option("guider", "GUIDER (calibration + DBPR) or plain BPR", choices=LOSSES)
-    threshold: float = option(0.7, "calibration clean threshold")
-    align: bool = option(False, "fit the image projection onto the text one, so the calibration measures "
-                                "modality disagreement (the reference keeps both random)")
-    noisy_weight: float = option(1.0, "DBPR weight of interactions flagged noisy (GUIDER's reference: 1; "
-                                      "0 drops them)")
+    preset: str = option(DEFAULT_PRESET, "GUIDER's calibration settings (--threshold, --align, "
+                                         f"--noisy-weight given explicitly override them): {_PRESET_HELP}",
+                         choices=tuple(PRESETS))
+    threshold: Optional[float] = option(None, "calibration clean threshold on the batch's normalised "
+                                              "distance (default: the preset's)")
+    align: Optional[bool] = option(None, "fit the image projection onto the text one, so the calibration "
+                                         "measures modality disagreement (the reference keeps both random; "
+                                         "default: the preset's)")
+    noisy_weight: Optional[float] = option(None, "DBPR weight of interactions flagged noisy (the reference: "
+                                                 "1; 0 drops them; default: the preset's)")
     backend: str = option("auto", "backend of the ops (auto: the first available of cuda, triton, torch)",
                           choices=BACKEND_CHOICES)
     distill: str = option("none",
@@ -59,15 +78,28 @@ class TrainConfig:
     ks: Tuple[int, ...] = option((10, 20, 50), "the K of Recall@K and NDCG@K (must include 20)", cli=False)
     seed: int = option(0, "seed of the synthetic data, the initialisation and the batch order")
     device: str = option("cpu", "cpu or cuda")
-    checkpoint: Optional[str] = option(None, "save the training state here after every epoch")
+    checkpoint: Optional[str] = option(None, "save the training state here after every epoch (an existing "
+                                             "file is refused unless --resume or --overwrite is given)")
     resume: bool = option(False, "continue from --checkpoint (best model included)")
+    overwrite: bool = option(False, "replace an existing --checkpoint instead of refusing to start")
     metrics_json: Optional[str] = option(None, "write the final metrics (and the history) here")
+    plot: Optional[str] = option(None, "draw the training curves into this PNG (needs matplotlib: "
+                                       "pip install 'guider_fast[plot]')")
     n_users: int = option(20_000, "synthetic data: users")
     n_items: int = option(7_000, "synthetic data: items")
     noise: float = option(0.2, "synthetic data: share of corrupted interactions")
     progress: bool = option(True, "no progress bar", flag="--no-progress")
 
+    def resolved(self) -> "TrainConfig":
+        """A copy with every calibration setting left at None taken from the preset."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        values = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **values)
+
     def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.distill not in DISTILL:
@@ -80,6 +112,12 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume needs a checkpoint path (--checkpoint PATH)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the checkpoint and overwrite replaces it: pass one of them")
+        if self.noisy_weight is not None and not (self.noisy_weight >= 0 and math.isfinite(self.noisy_weight)):
+            raise ValueError(f"noisy_weight must be a number >= 0, got {self.noisy_weight!r}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
         weight = self.distill_weight
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"distill_weight must be None (MGDA) or a number >= 0, got {weight!r}")

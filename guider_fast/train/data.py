@@ -56,6 +56,9 @@ class InteractionData:
     (MMRec ``x_label`` 0, 1 and 2).  ``text_feat`` / ``image_feat`` are ``(n_items, d)`` float32
     or ``None`` when the modality is missing.  ``noisy`` (synthetic data only) is a ``(n_train,)``
     bool tensor marking the planted corrupted training rows, aligned with ``train``.
+    ``user_factors`` / ``item_factors`` (synthetic data only) are ``(n_users, f)`` / ``(n_items, f)``
+    float32 tables whose inner product is the generator's true score of a clean choice, so
+    ranking by them is the data's own ceiling.
     """
 
     name: str
@@ -67,6 +70,8 @@ class InteractionData:
     text_feat: Optional[torch.Tensor]
     image_feat: Optional[torch.Tensor]
     noisy: Optional[torch.Tensor] = None
+    user_factors: Optional[torch.Tensor] = None
+    item_factors: Optional[torch.Tensor] = None
 
     def summary(self) -> str:
         """One line: users, items, split sizes, density, modalities and the planted noise share."""
@@ -337,6 +342,7 @@ _NOISY_POOL = 16          # candidates per corrupted interaction (a disliked one
 _FEATURE_NOISE = 0.25     # std of the per-coordinate feature noise (signal std ~ 1)
 _MIN_DEGREE = 5           # 5-core-like minimum interactions per user (capped by interactions_per_user)
 _CHUNK_FLOATS = 1 << 24   # working-set bound of the chunked candidate scoring (64 MiB of fp32)
+_NEVER_CHOSEN = -1e6      # true-score bias of inconsistent items (no clean choice uses them)
 
 
 def _check_share(name: str, value) -> float:
@@ -405,7 +411,10 @@ def synthetic(n_users: int = 20_000, n_items: int = 7_000, *, interactions_per_u
        product), so text and image views disagree exactly on the items of corrupted rows: a
        text-to-image map fitted on all items leaves a much larger residual on them.
 
-    Rows of each split are sorted by (user, item); ``noisy`` is aligned with ``train``.  The same
+    Rows of each split are sorted by (user, item); ``noisy`` is aligned with ``train``.
+    ``user_factors = [z_u / 0.35, 1]`` and ``item_factors = [z_i, g_i]`` (``g_i`` replaced by
+    ``-1e6`` for inconsistent items, which no clean choice uses), so their inner product is the
+    clean-choice score ``a_ui / 0.35 + log p_i`` (the true ranking, without the Gumbel draw).  The same
     ``seed`` and arguments give bit-identical tensors; 10^6 items x 10^5 users takes seconds
     (most of it drawing the ``n_items x (text_dim + image_dim)`` feature noise).
     """
@@ -518,8 +527,14 @@ def synthetic(n_users: int = 20_000, n_items: int = 7_000, *, interactions_per_u
         z_image[bad_items] = z_item[decoy]
     text_feat = _features(z_item, text_dim, gen)
     image_feat = _features(z_image, image_dim, gen)
+    # The true clean-choice score as an inner product (no draws: the data above is unchanged).
+    user_factors = torch.cat([z_user / _TEMPERATURE, torch.ones(n_users, 1)], 1)
+    item_bias = log_pop.clone()
+    item_bias[bad_items] = _NEVER_CHOSEN
+    item_factors = torch.cat([z_item, item_bias.unsqueeze(1)], 1)
     return InteractionData(name=f"synthetic(seed={seed})", n_users=n_users, n_items=n_items, train=train,
-                           valid=valid, test=test, text_feat=text_feat, image_feat=image_feat, noisy=noisy)
+                           valid=valid, test=test, text_feat=text_feat, image_feat=image_feat, noisy=noisy,
+                           user_factors=user_factors, item_factors=item_factors)
 
 
 def with_synthetic_features(data: InteractionData, *, text_dim: int = 384, image_dim: int = 512, dim: int = 32,

@@ -6,7 +6,7 @@ running top-K per user over tiles of ``user_block`` users x ``item_block`` items
 (users x items) score matrix is never built.
 
 ``ranking_metrics`` computes Recall@K and NDCG@K for several K from one top-max(K)
-retrieval.
+retrieval; ``popularity_metrics`` is the same for the training-popularity ranking.
 """
 
 from __future__ import annotations
@@ -284,3 +284,19 @@ def ranking_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, eval_pairs: 
         out[f"recall@{k}"] = float(recall.mean())
         out[f"ndcg@{k}"] = float(ndcg.mean())
     return out
+
+
+def popularity_metrics(train_pairs: torch.Tensor, n_users: int, n_items: int, eval_pairs: torch.Tensor,
+                       exclude_pairs: Optional[torch.Tensor], ks: Union[int, Iterable[int]] = (10, 20, 50)
+                       ) -> Dict[str, float]:
+    """``ranking_metrics`` of the popularity ranking: every user gets the items ordered by their
+    number of rows in ``train_pairs`` (ties: lower item id first), ``exclude_pairs`` masked as for
+    a model.  The baseline a trained model has to beat."""
+    _check_pairs("train_pairs", train_pairs)
+    V.require_int("n_users", n_users, 1)
+    V.require_int("n_items", n_items, 1)
+    counts = torch.bincount(train_pairs[:, 1].long(), minlength=n_items).to(torch.float64)
+    if counts.shape[0] != n_items:
+        raise ValueError(f"train_pairs has item ids >= n_items ({n_items})")
+    users = torch.ones(n_users, 1, dtype=torch.float64, device=counts.device)
+    return ranking_metrics(users, counts.unsqueeze(1), eval_pairs, exclude_pairs, ks)

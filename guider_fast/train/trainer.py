@@ -2,13 +2,16 @@
 
 ``train(TrainConfig(...))`` trains a ``GraphRecommender`` on one dataset with
 either GUIDER's loss (``GuiderLoss``: calibration + DBPR, frozen-item mode) or
-plain BPR.  The defaults are GUIDER as published.  Options beyond the reference:
-``align=True`` fits the image projection onto the text projection, so that the
-calibration's distance measures modality disagreement (the reference leaves
-both projections random; ``GuiderLoss.align_projections``); ``noisy_weight=0``
-drops the flagged interactions instead of weighting them 1.  On planted noise,
-``align=True, noisy_weight=0, threshold=0.3`` is the recipe that denoises
-(``benchmarks/results/train_cpu.md``).  It can also distil the trained teacher into a matrix-factorisation
+plain BPR.  GUIDER's calibration settings come from a preset (``config.PRESETS``;
+explicit ``threshold`` / ``align`` / ``noisy_weight`` override it): ``"reference"``
+is GUIDER as published (random projections, flagged rows weighted 1, threshold
+0.7); ``"denoise"``, the default, is the recipe that denoises planted noise
+(``benchmarks/results/train_cpu.md``): ``align=True`` fits the image projection
+onto the text projection, so that the calibration's distance measures modality
+disagreement (``GuiderLoss.align_projections``), ``noisy_weight=0`` drops the
+flagged interactions, ``threshold=0.3``.  Every result carries the baselines of
+its test split: the training-popularity ranking and, on synthetic data, the
+generator's own ranking (the ceiling).  It can also distil the trained teacher into a matrix-factorisation
 student (``distill="kl"``: full-catalogue KL, streamed).  The model is selected
 on validation Recall@20, with early stopping after ``patience`` evaluations
 without improvement.  The loop checkpoints after every epoch; ``resume=True``
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -41,7 +45,7 @@ from ..losses import GuiderLoss
 from . import data as gdata
 from .config import RESUME_KEYS, SELECT_METRIC, TrainConfig
 from .distill import kl_distill_loss, ot_distill_loss
-from .evaluate import ranking_metrics
+from .evaluate import popularity_metrics, ranking_metrics
 from .models import KNN_MAX_ITEMS, GraphRecommender, item_graph_from_features
 from .progress import EpochProgress
 
@@ -111,8 +115,65 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def _atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# What every checkpoint holds (``Trainer.save_checkpoint``).
+_CHECKPOINT_KEYS = {"config", "model", "optimizer", "best_model", "generator", "state"}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_output_paths(config: TrainConfig) -> None:
+    """Fail before training (not after the first epoch) on an output path that cannot be
+    written, and refuse to replace an existing checkpoint unless asked to."""
+    outputs = [("--checkpoint", config.checkpoint), ("--metrics-json", config.metrics_json),
+               ("--plot", config.plot)]
+    for flag, path in outputs:
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: give a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist (create it or choose "
+                                    f"another path)")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{flag} {path}: folder {folder} is not writable")
+    checkpoint = config.checkpoint
+    if checkpoint and os.path.exists(checkpoint) and not (config.resume or config.overwrite):
+        raise ValueError(f"checkpoint {checkpoint} already exists: pass --resume to continue it, --overwrite "
+                         f"to replace it, or choose a new --checkpoint path")
+
+
+def data_fingerprint(data: gdata.InteractionData) -> str:
+    """A digest of the interaction graph (sizes and every split's rows): a checkpoint only resumes
+    on the data it was trained on."""
+    digest = hashlib.sha256(f"{data.n_users},{data.n_items}".encode())
+    for split in (data.train, data.valid, data.test):
+        digest.update(str(tuple(split.shape)).encode())
+        digest.update(split.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def flag_stats(counts: Dict[str, int], known: bool) -> Dict[str, float]:
+    """The calibration's flags over ``counts["seen"]`` rows: the flagged share and, when the
+    planted truth is ``known``, precision, recall and F1 against it."""
+    out = {"flagged_share": counts["flagged"] / max(counts["seen"], 1)}
+    if known:
+        tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        out.update(precision=precision, recall=recall,
+                   f1=2 * precision * recall / max(precision + recall, 1e-12))
+    return out
 
 
 class Trainer:
@@ -121,6 +182,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: Optional[gdata.InteractionData] = None,
                  log: Callable[[str], None] = print):
         config.validate()
+        config = config.resolved()  # the preset's calibration settings where none are given
+        check_output_paths(config)
         self.config, self.log = config, log
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -139,6 +202,8 @@ class Trainer:
         self.state = _State()
         self.best_model = _snapshot(self.model)
         self.best_student: Optional[Dict[str, torch.Tensor]] = None
+        self.fingerprint = data_fingerprint(self.data)
+        self.saved_epoch = 0  # the epoch the checkpoint file holds (0: none written or resumed)
         if config.resume:
             self._resume()
         self.progress = EpochProgress(config.progress)
@@ -182,6 +247,8 @@ class Trainer:
         # The calibration weights carry no gradient: the projections and hash layers stay
         # at their initialisation (as in the reference), so every item is calibrated once.
         guider.requires_grad_(False)
+        self.log(f"GUIDER preset {config.preset!r}: align {config.align}, noisy_weight {config.noisy_weight:g}, "
+                 f"threshold {config.threshold:g}")
         text, image = data.text_feat.to(self.device), data.image_feat.to(self.device)
         if config.align:
             fit = guider.align_projections(text, image)
@@ -204,21 +271,38 @@ class Trainer:
         if not os.path.exists(config.checkpoint):
             self.log(f"no checkpoint at {config.checkpoint}: starting afresh")
             return
-        saved = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
+        path = config.checkpoint
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # not a torch file, truncated, or foreign objects
+            raise ValueError(f"{path} is not a guider-fast checkpoint (cannot read it: {_first_line(error)}); "
+                             f"pass another --checkpoint path, or --overwrite to replace it") from None
+        if not isinstance(saved, dict) or not _CHECKPOINT_KEYS <= set(saved) \
+                or not isinstance(saved["config"], dict):
+            raise ValueError(f"{path} is not a guider-fast checkpoint (it lacks the training state); pass "
+                             f"another --checkpoint path, or --overwrite to replace it")
         mismatched = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(config, k)]
         if mismatched:
             settings = ", ".join(f"{k}={saved['config'].get(k)!r}" for k in mismatched)
-            raise ValueError(f"checkpoint {config.checkpoint} was written with other settings "
+            raise ValueError(f"checkpoint {path} was written with other settings "
                              f"({settings}); resume with the same ones or start afresh")
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.best_model = saved["best_model"]
-        if self.student is not None:
-            self.student.load_state_dict(saved["student"])
-            self.student_opt.load_state_dict(saved["student_optimizer"])
-            self.best_student = saved.get("best_student")
-        self.generator.set_state(saved["generator"])
-        self.state = _State(**saved["state"])
+        if saved.get("data_fingerprint", self.fingerprint) != self.fingerprint:
+            raise ValueError(f"checkpoint {path} was trained on other interactions than {config.data!r} "
+                             f"holds now; resume on the same data or start afresh (--overwrite)")
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.best_model = saved["best_model"]
+            if self.student is not None:
+                self.student.load_state_dict(saved["student"])
+                self.student_opt.load_state_dict(saved["student_optimizer"])
+                self.best_student = saved.get("best_student")
+            self.generator.set_state(saved["generator"])
+            self.state = _State(**saved["state"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"checkpoint {path} does not fit this run ({_first_line(error)}); start afresh "
+                             f"with --overwrite or another --checkpoint path") from None
+        self.saved_epoch = self.state.epoch
         self.log(f"resumed from {config.checkpoint} after epoch {self.state.epoch} "
                  f"(best {SELECT_METRIC} {self.state.best_metric:.4f} at epoch {self.state.best_epoch})")
 
@@ -276,11 +360,13 @@ class Trainer:
         user_out, item_out = model()
         if self.guider is not None:
             loss = self.guider(user_out, item_out, users, pos, neg)
+            flagged = ~self.guider.last_calibration.clean
             if self.noisy is not None:
-                flagged = ~self.guider.last_calibration.clean
                 truth = self.noisy[index]
                 counts += torch.stack([(flagged & truth).sum(), (flagged & ~truth).sum(),
                                        (~flagged & truth).sum(), flagged.sum()])
+            else:
+                counts[3] += flagged.sum()
         else:
             loss = dbpr_loss(user_out, item_out, users, pos, neg, backend=self.config.backend)
         reg = (model.user_emb[users].pow(2).sum() + model.item_emb[pos].pow(2).sum()
@@ -326,12 +412,14 @@ class Trainer:
         state, config = self.state, self.config
         epoch = state.epoch = state.epoch + 1
         state.epoch_seconds.append(seconds)
-        if self.guider is not None and self.noisy is not None:
-            # The last epoch's calibration flags against the planted truth.
-            tp, fp, fn, flagged = counts.tolist()
-            state.noise_counts = {"tp": tp, "fp": fp, "fn": fn, "flagged": flagged,
-                                  "seen": self.train_pairs.shape[0]}
         record = {"epoch": epoch, "loss": mean_loss, "seconds": seconds}
+        if self.guider is not None:
+            tp, fp, fn, flagged = counts.tolist()
+            epoch_counts = {"tp": tp, "fp": fp, "fn": fn, "flagged": flagged, "seen": self.train_pairs.shape[0]}
+            record["flags"] = flag_stats(epoch_counts, known=self.noisy is not None)
+            if self.noisy is not None:
+                # The last epoch's calibration flags against the planted truth.
+                state.noise_counts = epoch_counts
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             metrics = record["valid"] = self.evaluate(self.model, "valid")
             if metrics[SELECT_METRIC] > state.best_metric:
@@ -353,8 +441,9 @@ class Trainer:
             "student": student.state_dict() if student is not None else None,
             "student_optimizer": student_opt.state_dict() if student_opt is not None else None,
             "best_student": self.best_student, "generator": self.generator.get_state(),
-            "state": dataclasses.asdict(self.state),
+            "state": dataclasses.asdict(self.state), "data_fingerprint": self.fingerprint,
         }, self.config.checkpoint)
+        self.saved_epoch = self.state.epoch
 
     # -- result -----------------------------------------------------------------------------------
 
@@ -380,16 +469,10 @@ class Trainer:
             "peak_memory_mb": _peak_memory_mb(self.device),
             "history": state.history,
         }
+        result["baselines"] = self.baselines()
         if state.noise_counts:
-            c = state.noise_counts
-            precision = c["tp"] / max(c["tp"] + c["fp"], 1)
-            recall = c["tp"] / max(c["tp"] + c["fn"], 1)
-            result["noise_detection"] = {
-                "precision": precision, "recall": recall,
-                "f1": 2 * precision * recall / max(precision + recall, 1e-12),
-                "flagged_share": c["flagged"] / max(c["seen"], 1),
-                "planted_share": float(self.data.noisy.float().mean()),
-            }
+            result["noise_detection"] = {**flag_stats(state.noise_counts, known=True),
+                                         "planted_share": float(self.data.noisy.float().mean())}
         if self.student is not None:
             if self.best_student is not None:
                 self.student.load_state_dict(self.best_student)
@@ -397,7 +480,23 @@ class Trainer:
         if config.metrics_json:
             with open(config.metrics_json, "w") as handle:
                 json.dump(result, handle, indent=2)
+        if config.plot:
+            from .plot import plot_history
+
+            self.log(plot_history(result, config.plot))
         return result
+
+    def baselines(self) -> Dict[str, Dict[str, float]]:
+        """The test split's metrics of the training-popularity ranking and, when the data knows
+        its generator's true scores (synthetic data), of that ranking: the ceiling."""
+        data, ks = self.data, self.config.ks
+        pairs, exclude = self.splits["test"]
+        out = {"popularity": popularity_metrics(self.train_pairs, data.n_users, data.n_items, pairs, exclude,
+                                                ks)}
+        if data.user_factors is not None and data.item_factors is not None:
+            out["generator_ceiling"] = ranking_metrics(data.user_factors.to(self.device),
+                                                       data.item_factors.to(self.device), pairs, exclude, ks)
+        return out
 
 
 def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
@@ -407,12 +506,26 @@ def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
     return Trainer(config, data, log).run()
 
 
+_BASELINE_NAMES = {"popularity": "popularity (train counts)",
+                   "generator_ceiling": "generator's true scores"}
+
+
 def format_result(result: Dict) -> str:
     """Human-readable summary of ``train``'s result."""
     lines = [f"best epoch {result['best_epoch']} of {result['epochs_run']}"]
     for split in ("valid", "test"):
         metrics = result[split]
         lines.append(f"{split:>5}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    baselines = result.get("baselines") or {}
+    if baselines:
+        model = result["test"]
+        lines.append(f"test split, model vs baselines: {'recall@20':>9} {'ndcg@20':>9}")
+        rows = [("model", model)] + [(_BASELINE_NAMES.get(k, k), v) for k, v in baselines.items()]
+        for name, metrics in rows:
+            ratio = ""
+            if name != "model" and metrics["recall@20"] > 0:
+                ratio = f"  (model at {model['recall@20'] / metrics['recall@20']:.2f}x)"
+            lines.append(f"  {name:<28} {metrics['recall@20']:>9.4f} {metrics['ndcg@20']:>9.4f}{ratio}")
     if "student_test" in result:
         lines.append("student test: " + "  ".join(f"{k} {v:.4f}" for k, v in result["student_test"].items()))
     if "noise_detection" in result:
