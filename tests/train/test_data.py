@@ -1,7 +1,7 @@
 """guider_fast.train.data: MMRec loader (round trip, errors naming file/line/column), synthetic generator
 (determinism, planted noise, held-out splits, modality disagreement, scale) and NegativeSampler."""
 
-import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,8 @@ import torch
 from guider_fast.train.data import (InteractionData, NegativeSampler, load_mmrec, synthetic,
                                     with_synthetic_features)
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-BABY = SHARED / "amazon_baby"
+# Real MMRec datasets, when a folder of them is named (as the benchmarks read them).
+BABY = Path(os.environ.get("GUIDER_DATA", "/nonexistent")) / "amazon_baby"
 
 ROWS = [  # (user, item, x_label)
     (0, 3, 0), (0, 1, 0), (1, 2, 0), (2, 0, 0), (2, 4, 1), (1, 4, 2), (0, 0, 1), (3, 2, 0), (3, 1, 2),
@@ -171,21 +171,20 @@ def test_missing_paths(tmp_path):
     assert load_mmrec(tmp_path, name="c").name == "c"
 
 
-def test_load_speed_300k_lines(tmp_path):
+def test_load_300k_lines(tmp_path):
     rng = np.random.default_rng(0)
     n = 300_000
     table = np.stack([rng.integers(0, 40_000, n), rng.integers(0, 20_000, n), rng.integers(0, 3, n)], 1)
     (tmp_path / "s.inter").write_text("userID\titemID\tx_label\n"
                                       + "\n".join("\t".join(map(str, r)) for r in table.tolist()) + "\n")
-    load_mmrec(tmp_path)  # warm-up (imports, page cache)
-    t0 = time.perf_counter()
     d = load_mmrec(tmp_path)
-    elapsed = time.perf_counter() - t0
     assert len(d.train) + len(d.valid) + len(d.test) == n
-    assert elapsed < 1.0, f"300k lines took {elapsed:.2f} s"
+    got = torch.cat([d.train, d.valid, d.test]).numpy()
+    want = np.concatenate([table[table[:, 2] == split, :2] for split in range(3)])
+    np.testing.assert_array_equal(np.sort(got.view("i8,i8"), axis=0), np.sort(want.astype(np.int64).view("i8,i8"), axis=0))
 
 
-@pytest.mark.skipif(not BABY.is_dir(), reason=f"real data not present at {BABY}")
+@pytest.mark.skipif(not BABY.is_dir(), reason="set GUIDER_DATA to a folder holding amazon_baby/ to test the real data")
 def test_real_amazon_baby():
     f = BABY / "baby.inter"
     lines = f.read_text().splitlines()
@@ -290,13 +289,10 @@ def test_synthetic_tiny_catalogue():
     assert abs(d.noisy.float().mean().item() - 0.2) < 0.05
 
 
-def test_synthetic_million_items_is_fast():
-    t0 = time.perf_counter()
+def test_synthetic_million_items():
     d = synthetic(n_users=100_000, n_items=1_000_000, text_dim=16, image_dim=16, seed=0)
-    elapsed = time.perf_counter() - t0
     assert d.n_items == 1_000_000 and d.text_feat.shape == (1_000_000, 16)
     assert abs(d.noisy.float().mean().item() - 0.2) < 0.01
-    assert elapsed < 15, f"10^6-item generation took {elapsed:.1f} s"
 
 
 # ------------------------------------------------------------------------------------------------
