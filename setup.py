@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 from setuptools import setup
@@ -5,6 +6,13 @@ from setuptools import setup
 here = Path(__file__).parent
 version = {}
 exec((here / "guider_fast" / "_version.py").read_text(), version)
+
+# The CUDA extension guider_fast._C: built with a CUDA torch and nvcc, else skipped with the
+# reason (GUIDER_FAST_BUILD_CUDA=0 skips, =1 fails instead). Loaded by path: the package
+# itself cannot be imported before it is installed.
+_spec = importlib.util.spec_from_file_location("_guider_fast_cuda_build", here / "guider_fast" / "_cuda_build.py")
+cuda_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_build)
 
 setup(
     name="guider_fast",
@@ -27,4 +35,6 @@ setup(
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
+    ext_modules=cuda_build.extension_modules(),
+    cmdclass=cuda_build.build_cmdclass(),
 )

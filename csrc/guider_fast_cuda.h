@@ -97,5 +97,23 @@ cudaError_t dbpr_forward(MatrixView user_table, MatrixView item_table, const int
                          int64_t batch, int64_t k_neg, int64_t dim, float scale, float l2,
                          const DbprForwardOutputs& out, cudaStream_t stream);
 
+// ------------------------------------------------------------------ DBPR backward
+//
+// Table gradients from dbpr_forward's coefficients G (B, K+1) and the per-triplet
+// output gradients grad_rows (B,) (stride grad_stride), atomic scatter as
+// kernels/dbpr.py's backward (mode "atomic"): with g_bj = coef[b, j] grad_rows[b],
+//   grad_item[pos_items[b]]    += g_b0 u_b
+//   grad_item[neg_items[b, k]] += g_b(1+k) u_b
+//   grad_user[users[b]]        += g_b0 p_b + sum_k g_b(1+k) n_bk
+// grad_user (n_users, dim) and grad_item (n_items, dim): float32, row-major,
+// zeroed by the caller (it adds into them).  float32 math, relaxed float
+// atomics: duplicate rows' sums vary with the order the atomics land in.
+// Indices are not range-checked (the caller validates).  batch >= 1, k_neg >= 1, dim >= 0.
+cudaError_t dbpr_backward(MatrixView user_table, MatrixView item_table, const int64_t* users,
+                          const int64_t* pos_items, const int64_t* neg_items, int64_t neg_stride_row,
+                          int64_t neg_stride_col, const float* coef, const float* grad_rows, int64_t grad_stride,
+                          int64_t batch, int64_t k_neg, int64_t dim, float* grad_user, float* grad_item,
+                          cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace guider_fast

@@ -5,10 +5,16 @@ Rules
 * ``backend="torch"`` (the reference, vectorised torch code) runs everywhere.
 * ``backend="triton"`` runs Triton kernels: CUDA tensors with triton installed, or
   CPU tensors under ``TRITON_INTERPRET=1`` (the interpreter, for tests).
-* ``backend="cuda"`` runs the compiled extension ``guider_fast._C`` on CUDA tensors.
+* ``backend="cuda"`` runs the CUDA C++ kernels (``csrc/``, ops
+  ``torch.ops.guider_fast_cuda.*``): the compiled extension ``guider_fast._C`` on
+  CUDA tensors, or, on CPU tensors, their emulation build once it is loaded
+  (``GUIDER_FAST_CUDA_SIM=1``, which builds it at the first such dispatch, or
+  ``guider_fast._cuda_build.load_extension(emulate=True)``; see that module).
 * ``backend="auto"`` takes, for the tensors' device, the first available of
-  ``cuda``, ``triton``, ``torch`` that implements the op; on CPU it is always
-  ``torch`` (the Triton interpreter is a test vehicle, not a fast path).
+  ``triton``, ``cuda``, ``torch`` that implements the op; on CPU it is always
+  ``torch`` (the Triton interpreter and the CUDA emulation are test vehicles,
+  not fast paths).  Triton stays ahead of the CUDA C++ kernels until a GPU has
+  measured them faster (``guider-fast bench``); ``backend="cuda"`` picks them.
 * ``GUIDER_FAST_BACKEND=<name>`` replaces ``"auto"`` (an explicit argument wins).
 * An explicitly requested backend that cannot run raises ``RuntimeError`` saying why.
 
@@ -24,7 +30,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-_AUTO_ORDER = ("cuda", "triton", "torch")
+_AUTO_ORDER = ("triton", "cuda", "torch")
 
 # op name -> backend name -> implementation (kernel modules, and triton, are
 # imported by the implementations on first call, never at registration)
@@ -67,11 +73,13 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 
 
 def _cuda_reason(device: torch.device) -> Optional[str]:
-    if device.type != "cuda":
-        return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
-    if importlib.util.find_spec("guider_fast._C") is None:
-        return "the CUDA extension guider_fast._C is not built (this version of guider_fast has no CUDA C++ kernels)"
-    return None
+    from . import _cuda_build
+
+    if device.type == "cuda":
+        return _cuda_build.real_reason()
+    if device.type == "cpu":
+        return _cuda_build.sim_reason()
+    return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
 
 
 def unavailable_reason(op: str, backend: str, device: torch.device,

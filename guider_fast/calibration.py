@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _dispatch, _library
+from . import _dispatch, _library, _library_cuda
 from . import _validate as V
 from .reference import calibration as ref
 
@@ -41,18 +41,30 @@ def _calibrate_triton(t, v, u_code, t_code, v_code, threshold, distance):
                                    distance == "euclidean")
 
 
-def _calibrate_triton_limits(problem):
-    features_dim, code_dtype = problem
-    if features_dim == 3:
-        return "the Triton calibration kernel takes (B, d) rows, not (B, n, d) point clouds"
-    if code_dtype not in TRITON_DTYPES:
-        return f"the Triton calibration kernel takes float32/16 hash codes, got {code_dtype}"
-    return None
+def _calibrate_cuda(t, v, u_code, t_code, v_code, threshold, distance):
+    # Detached: the op has no autograd formula, and the outputs carry no gradient.
+    t, v, u_code, t_code, v_code = (x.detach() for x in (t, v, u_code, t_code, v_code))
+    return _library_cuda.ops().calibrate_rows(t, v, u_code, t_code, v_code, threshold,
+                                              distance == "euclidean")
+
+
+def _kernel_limits(kernel):
+    """limits(problem) of the fused kernels: (B, d) rows, float32/16 codes."""
+    def limits(problem):
+        features_dim, code_dtype = problem
+        if features_dim == 3:
+            return f"the {kernel} calibration kernel takes (B, d) rows, not (B, n, d) point clouds"
+        if code_dtype not in TRITON_DTYPES:
+            return f"the {kernel} calibration kernel takes float32/16 hash codes, got {code_dtype}"
+        return None
+    return limits
 
 
 _dispatch.register("calibrate", "torch", _calibrate_torch)
 _dispatch.register("calibrate", "triton", _calibrate_triton, dtypes=TRITON_DTYPES,
-                   limits=_calibrate_triton_limits)
+                   limits=_kernel_limits("Triton"))
+_dispatch.register("calibrate", "cuda", _calibrate_cuda, dtypes=TRITON_DTYPES,
+                   limits=_kernel_limits("CUDA"))
 
 
 def _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance):
@@ -115,8 +127,9 @@ def calibrate(t: torch.Tensor, v: torch.Tensor, u_code: torch.Tensor, t_code: to
     gradients.  Half-precision inputs are computed in float32, and the float
     outputs are float32 (float64 for float64 inputs).
 
-    backend : "auto" | "torch" | "triton".  The Triton kernel (float32/16 (B, d)
-        rows) reads its inputs once and finds the batch min/max on the device.
+    backend : "auto" | "torch" | "triton" | "cuda".  The Triton kernel and the
+        CUDA C++ one (float32/16 (B, d) rows) read their inputs once and find the
+        batch min/max on the device; they compute the same values.
         Its "geomloss" distance takes C(t,t) = C(v',v') = sqrt(1e-8) exactly,
         where GeomLoss's expanded cost leaves fp32 cancellation residue (up to
         ~sqrt(ulp(|t|^2))), so the two agree to that residue, not bit for bit.
@@ -200,8 +213,15 @@ def _calibrate_items_triton(cache, u_code, items, threshold):
                                      threshold)
 
 
+def _calibrate_items_cuda(cache, u_code, items, threshold):
+    return _library_cuda.ops().calibrate_cached(items.contiguous(), cache.distance, u_code.detach(),
+                                                cache.text_sign, cache.text_nonzero,
+                                                cache.image_sign, cache.image_nonzero, threshold)
+
+
 _dispatch.register("calibrate_items", "torch", _calibrate_items_torch)
 _dispatch.register("calibrate_items", "triton", _calibrate_items_triton, dtypes=TRITON_DTYPES)
+_dispatch.register("calibrate_items", "cuda", _calibrate_items_cuda, dtypes=TRITON_DTYPES)
 
 
 def calibrate_items(cache: ItemCalibration, u_code: torch.Tensor, items: torch.Tensor, *,
@@ -211,8 +231,9 @@ def calibrate_items(cache: ItemCalibration, u_code: torch.Tensor, items: torch.T
     Only the user codes u_code (B, bits) are new per batch: distances and packed
     item codes are gathered from ``cache`` and the similarities are exact
     popcounts of the packed ternary codes.  Same outputs as ``calibrate`` on the
-    items' features.  The Triton kernel packs the user codes in registers and
-    takes the batch min/max on the device (no host sync).
+    items' features.  The Triton and CUDA C++ kernels (backend "triton" /
+    "cuda") pack the user codes in registers and take the batch min/max on the
+    device (no host sync).
     """
     if not isinstance(cache, ItemCalibration):
         raise TypeError(f"cache must be an ItemCalibration (from precompute_item_calibration), "

@@ -34,6 +34,20 @@ def info(out=sys.stdout) -> int:
         print("GPU         none visible to torch", file=out)
     print("", file=out)
     print(f"value checks: {'on' if guider_fast.checks_enabled() else 'off'} (GUIDER_FAST_CHECKS)", file=out)
+    from guider_fast import _cuda_build  # builds and loads nothing here
+
+    built = _cuda_build.real_built()
+    why_not = _cuda_build.real_build_missing() or "it was not built when guider_fast was installed"
+    print(f"CUDA C++ extension guider_fast._C: {f'built ({built})' if built else f'not built: {why_not}'}",
+          file=out)
+    sim = _cuda_build.sim_loaded()
+    if sim:
+        sim_status = f"loaded ({sim})"
+    elif _cuda_build.sim_requested():
+        sim_status = "requested by GUIDER_FAST_CUDA_SIM=1 (built and loaded at first use)"
+    else:
+        sim_status = "not loaded (GUIDER_FAST_CUDA_SIM=1 builds it at first use; a test vehicle)"
+    print(f"CUDA C++ emulation build (CPU tensors): {sim_status}", file=out)
     for device in devices:
         print(f"backends on {device}:", file=out)
         for name, reason in _dispatch.backend_report(device).items():

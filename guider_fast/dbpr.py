@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _library
+from . import _dispatch, _library, _library_cuda
 from . import _validate as V
 from .reference import dbpr_step as ref_step
 from .reference.dbpr import dbpr_rows
@@ -23,16 +23,29 @@ def _dbpr_torch(user_emb, item_emb, users, pos_items, neg_items, weights, grad_l
     return dbpr_rows(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout)
 
 
-class _TritonDBPR(torch.autograd.Function):
-    """Triton forward (scores once, keeps only the (B, K+1) score coefficients) and backward
-    (atomic scatter, sorted segment sums, or per-occurrence sparse rows)."""
+def _cuda_backward(user_emb, item_emb, users, pos_items, neg_items, coef, grad_rows, mode):
+    # The CUDA C++ backward has the atomic scatter only (dispatch limits the layouts).
+    return _library_cuda.ops().dbpr_backward(user_emb, item_emb, users, pos_items, neg_items, coef,
+                                             grad_rows.float())
+
+
+# kernels -> (forward op, backward op(..., mode))
+_KERNEL_OPS = {"triton": (lambda: _library.dbpr_forward, lambda: _library.dbpr_backward),
+               "cuda": (lambda: _library_cuda.ops().dbpr_forward, lambda: _cuda_backward)}
+
+
+class _KernelDBPR(torch.autograd.Function):
+    """Fused forward (scores once, keeps only the (B, K+1) score coefficients) and backward
+    (atomic scatter, sorted segment sums, or per-occurrence sparse rows), in Triton or CUDA C++."""
 
     @staticmethod
-    def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout):
-        rows, coef, log_sig = _library.dbpr_forward(user_emb, item_emb, users, pos_items,
-                                                    neg_items, weights)
+    def forward(ctx, user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout,
+                kernels="triton"):
+        forward_op, backward_op = _KERNEL_OPS[kernels]
+        rows, coef, log_sig = forward_op()(user_emb, item_emb, users, pos_items, neg_items, weights)
         ctx.save_for_backward(user_emb, item_emb, users, pos_items, neg_items, coef, log_sig, weights)
         ctx.grad_layout = grad_layout
+        ctx.backward_op = backward_op
         return rows.to(user_emb.dtype)
 
     @staticmethod
@@ -44,8 +57,8 @@ class _TritonDBPR(torch.autograd.Function):
             mode = {"dense": "atomic", "deterministic": "deterministic",
                     "sparse": "sparse"}[ctx.grad_layout]
             # The coefficients already hold the weights.
-            d_user, d_item = _library.dbpr_backward(user_emb, item_emb, users, pos_items, neg_items,
-                                                    coef, grad_rows, mode)
+            d_user, d_item = ctx.backward_op()(user_emb, item_emb, users, pos_items, neg_items,
+                                               coef, grad_rows, mode)
             if mode == "sparse":
                 # Indices were range-checked on entry: skip the invariant scan.
                 d_user = torch.sparse_coo_tensor(users.unsqueeze(0), d_user.to(user_emb.dtype),
@@ -57,15 +70,29 @@ class _TritonDBPR(torch.autograd.Function):
             grad_item = d_item.to(item_emb.dtype) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[5]:
             grad_weights = (-grad_rows.float() * log_sig).to(weights.dtype)
-        return grad_user, grad_item, None, None, None, grad_weights, None
+        return grad_user, grad_item, None, None, None, grad_weights, None, None
 
 
 def _dbpr_triton(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout):
-    return _TritonDBPR.apply(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout)
+    return _KernelDBPR.apply(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout)
+
+
+def _dbpr_cuda(user_emb, item_emb, users, pos_items, neg_items, weights, grad_layout):
+    return _KernelDBPR.apply(user_emb, item_emb, users.contiguous(), pos_items.contiguous(),
+                             neg_items, weights, grad_layout, "cuda")
+
+
+def _dbpr_cuda_limits(problem):
+    (grad_layout,) = problem
+    if grad_layout != "dense":
+        return (f"the CUDA DBPR backward is the atomic scatter only (dense gradients, "
+                f"deterministic=False); {grad_layout!r} gradients need backend 'triton' or 'torch'")
+    return None
 
 
 _dispatch.register("dbpr", "torch", _dbpr_torch)
 _dispatch.register("dbpr", "triton", _dbpr_triton, dtypes=TRITON_DTYPES)
+_dispatch.register("dbpr", "cuda", _dbpr_cuda, dtypes=TRITON_DTYPES, limits=_dbpr_cuda_limits)
 
 
 def _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, weights,
@@ -120,7 +147,8 @@ def dbpr_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tenso
     weights : (B,) per-triplet weights (GUIDER's calibration weights) or None (= 1).
     reduction : "mean" (default, divides by B), "sum", or "none" (per-triplet (B,)).
 
-    backend : "auto" | "torch" | "triton" (see ``guider_fast._dispatch``).
+    backend : "auto" | "torch" | "triton" | "cuda" (see ``guider_fast._dispatch``; the CUDA
+        C++ kernels give dense gradients only: ``deterministic=False``, no ``sparse_grad``).
     deterministic : how duplicate rows' gradients are summed.  None (default)
         follows ``torch.are_deterministic_algorithms_enabled()``.  True: sorted
         segment sums, bit-identical from run to run.  False: the fastest way,
@@ -160,10 +188,10 @@ def _grad_layout(deterministic: Optional[bool], sparse_grad: bool) -> str:
 
 def _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights, reduction, backend,
                     deterministic=None, sparse_grad=False):
-    _, impl = _dispatch.resolve("dbpr", backend, user_emb.device, user_emb.dtype)
+    layout = _grad_layout(deterministic, sparse_grad)
+    _, impl = _dispatch.resolve("dbpr", backend, user_emb.device, user_emb.dtype, problem=(layout,))
     negatives = neg_items.unsqueeze(1) if neg_items.dim() == 1 else neg_items
-    rows = impl(user_emb, item_emb, users.long(), pos_items.long(), negatives.long(), weights,
-                _grad_layout(deterministic, sparse_grad))
+    rows = impl(user_emb, item_emb, users.long(), pos_items.long(), negatives.long(), weights, layout)
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":

@@ -1,5 +1,7 @@
 """Builds for the csrc tests: the sim test program (plain, ASan+UBSan, TSan), the
-ctypes library over csrc/guider_fast_cuda.h, and the nvcc/ptxas reports.
+ctypes library over csrc/guider_fast_cuda.h, the nvcc/ptxas reports, the syntax
+check of the torch binding (csrc/binding.cpp, real build) and the emulation
+build of the torch extension (guider_fast._cuda_build).
 
 Builds are object-level jobs (one compile per source and flavour, then a link),
 each keyed by a hash of its command, the compiler's version and the sources it
@@ -112,6 +114,30 @@ class Job:
         return self.output, text
 
 
+class EmulationBuild(Job):
+    """The emulation build of the torch extension, through guider_fast._cuda_build: ninja
+    keeps it incremental in <cache>/ext (a warm tree rebuilds nothing)."""
+
+    def __init__(self):
+        self.name, self.compiler, self.deps = "emulation extension", GXX, []
+        self.future = self.seconds = self.output = None
+
+    def _run(self):
+        from guider_fast import _cuda_build
+
+        start = time.perf_counter()
+        try:
+            self.output = _cuda_build.build_emulation(emulation_build_root())
+        except Exception as e:  # the build log
+            return False, str(e)
+        self.seconds = time.perf_counter() - start
+        return True, str(self.output)
+
+
+def emulation_build_root() -> Path:
+    return _ROOT[0] / "ext"
+
+
 _ROOT: list = []
 _POOL: list = []
 
@@ -159,6 +185,14 @@ def _jobs(config) -> dict:
     _JOBS["tsan"] = link("tsan", "sim_tests",
                          objects("tsan", tsan, ["-O1", "-DGF_SIM_TSAN"]) + [compile_("tsan", SIM_TESTS, tsan)],
                          ["-fsanitize=thread"])
+    # The real build's binding against the CPU wheel's c10/cuda headers: compiled, not linked.
+    from guider_fast import _cuda_build
+    import torch
+    syntax = _cuda_build.syntax_check_command(emulate=False)
+    _JOBS["binding_syntax"] = Job("syntax/binding.cpp", "ok",
+                                  ["sh", "-c", " ".join(syntax) + " && touch @OUT@",
+                                   f"torch {torch.__version__}"], GXX, sources=[_cuda_build.BINDING])
+    _JOBS["emulation"] = EmulationBuild()
     return _JOBS
 
 
@@ -166,7 +200,9 @@ _JOBS: dict = {}
 # fixture -> artifacts it needs, in the order they should start
 FIXTURE_BUILDS = {"sim_program": ["sim"], "sim_library": ["capi"],
                   "ptxas_logs": [f"nvcc:{cu.name}" for cu in KERNELS],
-                  "asan_program": ["asan"], "tsan_program": ["tsan"]}
+                  "asan_program": ["asan"], "tsan_program": ["tsan"],
+                  "binding_syntax": ["binding_syntax"], "sim_extension": ["emulation"],
+                  "_emulation_library": ["emulation"]}
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
@@ -197,6 +233,36 @@ def sim_program(request) -> Path:
 @pytest.fixture(scope="session")
 def sim_library(request) -> Path:
     return _wait(request, "capi")[0]
+
+
+@pytest.fixture(scope="session")
+def binding_syntax(request) -> str:
+    """g++ -fsyntax-only's log of csrc/binding.cpp as the real (CUDA) build compiles it."""
+    from guider_fast import _cuda_build
+    header = _cuda_build.cuda_include_dir() / "cuda_runtime_api.h"
+    if not header.exists():
+        pytest.skip(f"no CUDA toolkit headers ({header} is missing)")
+    return _wait(request, "binding_syntax")[1]
+
+
+@pytest.fixture(scope="session")
+def _emulation_library(request) -> str:
+    from guider_fast import _cuda_build
+    _wait(request, "emulation")
+    path = _cuda_build.load_extension(emulate=True, build_dir=emulation_build_root())
+    _cuda_build.deactivate_emulation()  # offered to dispatch only inside tests that ask (below)
+    return path
+
+
+@pytest.fixture
+def sim_extension(_emulation_library):
+    """The emulation build, loaded and offered to dispatch for this test only (the other
+    tests of the session see backend="cuda" unavailable on CPU, as without it)."""
+    from guider_fast import _cuda_build
+    path = _cuda_build.load_extension(emulate=True, build_dir=emulation_build_root())
+    assert path == _emulation_library
+    yield path
+    _cuda_build.deactivate_emulation()
 
 
 def _sanitizer_probe(flag: str, tmp: Path):

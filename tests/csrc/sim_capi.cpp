@@ -88,4 +88,20 @@ int gf_sim_dbpr_forward(const void* user_table, long long u_stride_row, long lon
   });
 }
 
+// grad_user (n_users, dim), grad_item (n_items, dim): float32 row-major, zeroed by the caller.
+int gf_sim_dbpr_backward(const void* user_table, long long u_stride_row, long long u_stride_col,
+                         const void* item_table, long long i_stride_row, long long i_stride_col, int table_dtype,
+                         const long long* users, const long long* pos_items, const long long* neg_items,
+                         long long neg_stride_row, long long neg_stride_col, const float* coef,
+                         const float* grad_rows, long long grad_stride, long long batch, long long k_neg,
+                         long long dim, float* grad_user, float* grad_item, char* error, int error_len) {
+  const auto td = static_cast<gfc::DType>(table_dtype);
+  const gfc::MatrixView ut{user_table, td, u_stride_row, u_stride_col}, it{item_table, td, i_stride_row, i_stride_col};
+  auto w = [](const long long* p) { return reinterpret_cast<const int64_t*>(p); };
+  return guarded(error, error_len, [&] {
+    return gfc::dbpr_backward(ut, it, w(users), w(pos_items), w(neg_items), neg_stride_row, neg_stride_col, coef,
+                              grad_rows, grad_stride, batch, k_neg, dim, grad_user, grad_item, nullptr);
+  });
+}
+
 }  // extern "C"

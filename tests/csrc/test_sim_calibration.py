@@ -108,7 +108,12 @@ def test_rows_match_reference(lib, batch, dim, bits, feat, code, distance, trans
     threshold = 0.4
     t, v, u, tc, vc = _inputs(batch, dim, bits, feat, code, seed=batch * 1000 + dim + bits, transposed=transposed)
     w, clean, d, n = sim_calibrate(lib, t, v, u, tc, vc, threshold, distance)
+    check_rows_against_reference(t, v, u, tc, vc, threshold, distance, w, clean, d, n)
 
+
+def check_rows_against_reference(t, v, u, tc, vc, threshold, distance, w, clean, d, n):
+    """The kernels' (weights, clean, distance, normalized) against guider_fast.reference."""
+    batch = t.shape[0]
     d_ref = ref.modality_distance(t, v, distance)
     assert d_ref.dtype == F32 and d.dtype == F32
     assert torch.all((d - d_ref).abs() <= _distance_tolerance(t, v, distance)), (d - d_ref).abs().max()
@@ -145,11 +150,12 @@ def _cache(t, v, t_code, v_code, distance):
             *ref.pack_sign_codes(v_code))
 
 
-@pytest.mark.parametrize("batch, bits, code", [(1, 1, torch.float32), (7, 63, torch.bfloat16),
-                                               (33, 64, torch.float16), (130, 65, torch.float32),
-                                               (33, 130, torch.bfloat16)])
-def test_cached_matches_reference_bitwise(lib, batch, bits, code):
-    n_items, threshold = 13, 0.6
+CACHED_CASES = [(1, 1, torch.float32), (7, 63, torch.bfloat16), (33, 64, torch.float16), (130, 65, torch.float32),
+                (33, 130, torch.bfloat16)]
+
+
+def cached_case(batch, bits, code, n_items=13, threshold=0.6):
+    """(items, item_distance, (ts, tn, vs, vn), u, threshold, reference (w, clean, d, normalized))."""
     t, v, _, t_code, v_code = _inputs(n_items, 8, bits, torch.float32, code, seed=bits)
     item_distance, ts, tn, vs, vn = _cache(t, v, t_code, v_code, "geomloss")
     g = torch.Generator().manual_seed(batch)
@@ -166,7 +172,13 @@ def test_cached_matches_reference_bitwise(lib, batch, bits, code):
     sims = [ref.packed_sign_similarity(us, un, s.index_select(0, items), z.index_select(0, items), bits)
             for s, z in ((ts, tn), (vs, vn))]
     w_ref, clean_ref, n_ref = ref.weights_from_similarities(d_ref, sims[0], sims[1], threshold)
+    return items, item_distance, (ts, tn, vs, vn), u, threshold, (w_ref, clean_ref, d_ref, n_ref)
 
+
+@pytest.mark.parametrize("batch, bits, code", CACHED_CASES)
+def test_cached_matches_reference_bitwise(lib, batch, bits, code):
+    items, item_distance, (ts, tn, vs, vn), u, threshold, (w_ref, clean_ref, d_ref, n_ref) = cached_case(
+        batch, bits, code)
     for order in ORDERS:
         lib.gf_sim_set_order(ORDERS[order], 5)
         w, c, d, n, ws = _outputs(lib, batch)

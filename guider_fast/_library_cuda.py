@@ -1,0 +1,57 @@
+"""Schemas and fake kernels of the CUDA C++ backend's ops, namespace ``guider_fast_cuda::``.
+
+The implementations come from csrc/binding.cpp (``TORCH_LIBRARY_IMPL`` only):
+the CUDA key from ``guider_fast._C``, the CPU key from the emulation build
+(see ``guider_fast._cuda_build``).  A namespace of their own, so they never
+shadow the Triton custom ops under ``guider_fast::``.  Defining the schemas
+needs neither the extension nor CUDA: torch.compile traces through the fakes
+whether or not a library is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library
+
+NAMESPACE = "guider_fast_cuda"
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+
+_LIB.define("calibrate_rows(Tensor t, Tensor v, Tensor u_code, Tensor t_code, Tensor v_code, "
+            "float threshold, bool euclidean) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("calibrate_cached(Tensor items, Tensor item_distance, Tensor u_code, Tensor text_sign, "
+            "Tensor text_nonzero, Tensor image_sign, Tensor image_nonzero, float threshold) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::calibrate_rows", lib=_LIB)
+def _calibrate_rows_fake(t, v, u_code, t_code, v_code, threshold, euclidean):
+    return _library._calibration_fake(t.shape[0], t)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::calibrate_cached", lib=_LIB)
+def _calibrate_cached_fake(items, item_distance, u_code, text_sign, text_nonzero, image_sign,
+                           image_nonzero, threshold):
+    return _library._calibration_fake(items.shape[0], u_code)
+
+
+_LIB.define("dbpr_forward(Tensor user_table, Tensor item_table, Tensor users, Tensor pos_items, "
+            "Tensor neg_items, Tensor? weights) -> (Tensor, Tensor, Tensor)")
+_LIB.define("dbpr_backward(Tensor user_table, Tensor item_table, Tensor users, Tensor pos_items, "
+            "Tensor neg_items, Tensor coef, Tensor grad_rows) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dbpr_forward", lib=_LIB)
+def _dbpr_forward_fake(user_table, item_table, users, pos_items, neg_items, weights):
+    return _library._dbpr_forward_fake(user_table, item_table, users, pos_items, neg_items, weights)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dbpr_backward", lib=_LIB)
+def _dbpr_backward_fake(user_table, item_table, users, pos_items, neg_items, coef, grad_rows):
+    return _library._dbpr_backward_fake(user_table, item_table, users, pos_items, neg_items, coef,
+                                        grad_rows, "atomic")
+
+
+def ops():
+    """``torch.ops.guider_fast_cuda`` (implementations present once a build is loaded)."""
+    return getattr(torch.ops, NAMESPACE)
