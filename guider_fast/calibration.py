@@ -42,8 +42,6 @@ def _calibrate_triton(t, v, u_code, t_code, v_code, threshold, distance):
 
 
 def _calibrate_cuda(t, v, u_code, t_code, v_code, threshold, distance):
-    # Detached: the op has no autograd formula, and the outputs carry no gradient.
-    t, v, u_code, t_code, v_code = (x.detach() for x in (t, v, u_code, t_code, v_code))
     return _library_cuda.ops().calibrate_rows(t, v, u_code, t_code, v_code, threshold,
                                               distance == "euclidean")
 
@@ -137,6 +135,8 @@ def calibrate(t: torch.Tensor, v: torch.Tensor, u_code: torch.Tensor, t_code: to
     _check_calibrate(t, v, u_code, t_code, v_code, threshold, distance)
     _, impl = _dispatch.resolve("calibrate", backend, t.device, t.dtype,
                                 problem=(t.dim(), u_code.dtype))
+    # The weights carry no gradient (GUIDER detaches them): no backend records a graph.
+    t, v, u_code, t_code, v_code = (x.detach() for x in (t, v, u_code, t_code, v_code))
     weights, clean, d, normalized = impl(t, v, u_code, t_code, v_code, float(threshold), distance)
     return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)
 
@@ -214,7 +214,7 @@ def _calibrate_items_triton(cache, u_code, items, threshold):
 
 
 def _calibrate_items_cuda(cache, u_code, items, threshold):
-    return _library_cuda.ops().calibrate_cached(items.contiguous(), cache.distance, u_code.detach(),
+    return _library_cuda.ops().calibrate_cached(items.contiguous(), cache.distance, u_code,
                                                 cache.text_sign, cache.text_nonzero,
                                                 cache.image_sign, cache.image_nonzero, threshold)
 
@@ -259,5 +259,5 @@ def calibrate_items(cache: ItemCalibration, u_code: torch.Tensor, items: torch.T
 def _calibrate_items_unchecked(cache, u_code, items, threshold, backend):
     # For callers that validated items against the cache already (GuiderLoss): no second check pass.
     _, impl = _dispatch.resolve("calibrate_items", backend, u_code.device, u_code.dtype)
-    weights, clean, d, normalized = impl(cache, u_code, items.long(), float(threshold))
+    weights, clean, d, normalized = impl(cache, u_code.detach(), items.long(), float(threshold))
     return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)

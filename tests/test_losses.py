@@ -1,4 +1,7 @@
-"""guider_fast.calibrate and GuiderLoss against the reference GUIDER computation (via geomloss)."""
+"""GuiderLoss (calibration + DBPR as one module) against GUIDER's computation through geomloss,
+its frozen-item cache, its argument checks, and every kernel backend against backend="torch"."""
+
+import math
 
 import geomloss
 import pytest
@@ -6,6 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import guider_fast as gf
+
+from ops.backends import KERNEL_BACKENDS, require
+
+UE = torch.randn(3, 8)
+IE = torch.randn(5, 8)
+USERS = torch.tensor([0, 2, 1])
+POS = torch.tensor([1, 3, 0])
+NEG = torch.tensor([2, 2, 4])
 
 
 def reference_guider_weights(t, v, u_code, t_code, v_code, threshold=0.7):
@@ -21,83 +32,10 @@ def reference_guider_weights(t, v, u_code, t_code, v_code, threshold=0.7):
     return torch.where(clean, w, torch.ones_like(w)), clean, d, normalized
 
 
-def _inputs(gen, batch=33, dim=64, bits=64):
-    t = torch.randn(batch, dim, generator=gen) * 0.2
-    v = torch.randn(batch, dim, generator=gen) * 0.2 + 0.05
-    codes = [torch.randn(batch, bits, generator=gen) for _ in range(3)]
-    return t, v, *codes
-
-
-@pytest.mark.parametrize("batch", [1, 7, 33, 2048])
-def test_geomloss_distance_and_weights_match_reference(gen, batch):
-    t, v, u_code, t_code, v_code = _inputs(gen, batch=batch)
-    cal = gf.calibrate(t, v, u_code, t_code, v_code)
-    w, clean, d, normalized = reference_guider_weights(t, v, u_code, t_code, v_code)
-    # The closed form equals GeomLoss's fp32 output up to a few ulps of the distance.
-    torch.testing.assert_close(cal.distance, d, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(cal.normalized, normalized, rtol=1e-5, atol=1e-5)
-    # Rows sitting within rounding of the threshold may flip; none do at these seeds.
-    assert torch.equal(cal.clean, clean)
-    torch.testing.assert_close(cal.weights, w, rtol=0, atol=1e-7)
-
-
-def test_clouds_use_the_debiased_divergence(gen):
-    t = torch.randn(6, 4, 8, generator=gen)
-    v = torch.randn(6, 3, 8, generator=gen)
-    codes = [torch.randn(6, 16, generator=gen) for _ in range(3)]
-    cal = gf.calibrate(t, v, *codes)
-    want = geomloss.SamplesLoss("sinkhorn", p=1, blur=0.1)(t, v + 1e-8)
-    torch.testing.assert_close(cal.distance, want, rtol=1e-4, atol=1e-6)
-
-
-def test_euclidean_distance_is_exact(gen):
-    t, v, u_code, t_code, v_code = _inputs(gen, batch=19)
-    cal = gf.calibrate(t, v, u_code, t_code, v_code, distance="euclidean")
-    torch.testing.assert_close(cal.distance, (t - v).norm(dim=1), rtol=0, atol=0)
-
-
-def test_sign_of_zero_is_zero_and_threshold_applies(gen):
-    t, v, u_code, t_code, v_code = _inputs(gen, batch=12, bits=8)
-    u_code[:, :3] = 0.0  # ternary codes: zero bits contribute nothing
-    cal = gf.calibrate(t, v, u_code, t_code, v_code, threshold=0.5)
-    w, clean, _, _ = reference_guider_weights(t, v, u_code, t_code, v_code, threshold=0.5)
-    assert torch.equal(cal.clean, clean)
-    torch.testing.assert_close(cal.weights, w, rtol=0, atol=1e-7)
-    assert bool((cal.weights[~cal.clean] == 1).all())
-
-
-def test_equal_distances_normalise_to_zero(gen):
-    t = torch.randn(5, 4, generator=gen)
-    cal = gf.calibrate(t, t.clone(), *[torch.randn(5, 8, generator=gen) for _ in range(3)],
-                       distance="euclidean")
-    assert bool((cal.normalized == 0).all()) and bool(cal.clean.all())
-
-
-def test_outputs_carry_no_gradient(gen):
-    t, v, u_code, t_code, v_code = [x.requires_grad_() for x in _inputs(gen, batch=9)]
-    cal = gf.calibrate(t, v, u_code, t_code, v_code)
-    for field in (cal.weights, cal.distance, cal.normalized):
-        assert not field.requires_grad
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_are_calibrated_in_float32(gen, dtype):
-    t, v, u_code, t_code, v_code = [x.to(dtype) for x in _inputs(gen, batch=2048)]
-    cal = gf.calibrate(t, v, u_code, t_code, v_code)
-    want = gf.calibrate(t.float(), v.float(), u_code.float(), t_code.float(), v_code.float())
-    assert cal.weights.dtype == torch.float32
-    torch.testing.assert_close(cal.distance, want.distance, rtol=0, atol=0)
-    assert torch.equal(cal.clean, want.clean)
-    torch.testing.assert_close(cal.weights, want.weights, rtol=0, atol=0)
-
-
-def test_double_inputs(gen):
-    t, v, u_code, t_code, v_code = [x.double() for x in _inputs(gen, batch=9)]
-    cal = gf.calibrate(t, v, u_code, t_code, v_code, distance="euclidean")
-    assert cal.weights.dtype == torch.float64
-
-
-# ---------------------------------------------------------------- GuiderLoss
+def _with(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
 
 
 def _guider_setup(gen, n_users=13, n_items=17, batch=29):
@@ -204,15 +142,60 @@ def test_stale_item_cache_is_detected(gen):
     assert loss_fn(user, item, users, pos, neg, text, image).requires_grad
 
 
-@pytest.mark.parametrize("bits", [1, 63, 64, 65, 130])
-def test_packed_ternary_codes_give_the_exact_similarity(gen, bits):
-    from guider_fast.reference import calibration as ref
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends_match_the_torch_backend(gen, backend):
+    """The module on a kernel backend (calibration and DBPR kernels) against backend="torch",
+    per-batch projection and frozen-item cache ("euclidean": no cancellation residue to flip flags)."""
+    require("calibrate", backend, "cpu", torch.float32)
+    n_users, n_items, batch = 40, 30, 57
+    text_feat, image_feat = torch.randn(n_items, 24, generator=gen), torch.randn(n_items, 40, generator=gen)
+    user_emb = torch.randn(n_users, 16, generator=gen)
+    item_emb = torch.randn(n_items, 16, generator=gen)
+    users = torch.randint(0, n_users, (batch,), generator=gen)
+    pos = torch.randint(0, n_items, (batch,), generator=gen)
+    neg = torch.randint(0, n_items, (batch, 3), generator=gen)
+    torch.manual_seed(5)
+    reference = gf.GuiderLoss(24, 40, embed_dim=16, feat_embed_dim=16, backend="torch",
+                              distance="euclidean")
+    fast = gf.GuiderLoss(24, 40, embed_dim=16, feat_embed_dim=16, backend=backend,
+                         distance="euclidean")
+    fast.load_state_dict(reference.state_dict())
+    for frozen in (False, True):
+        if frozen:
+            reference.precompute_items(text_feat, image_feat)
+            fast.precompute_items(text_feat, image_feat)
+        results = []
+        for module in (reference, fast):
+            u, i = user_emb.clone().requires_grad_(), item_emb.clone().requires_grad_()
+            features = (None, None) if frozen else (text_feat, image_feat)
+            loss = module(u, i, users, pos, neg, *features)
+            results.append((loss, *torch.autograd.grad(loss, (u, i)), module.last_calibration))
+        (loss_r, gu_r, gi_r, cal_r), (loss_f, gu_f, gi_f, cal_f) = results
+        assert torch.equal(cal_f.clean, cal_r.clean)
+        torch.testing.assert_close(cal_f.weights, cal_r.weights)
+        torch.testing.assert_close(loss_f, loss_r, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(gu_f, gu_r, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(gi_f, gi_r, rtol=2e-5, atol=1e-6)
 
-    a = torch.randn(41, bits, generator=gen)
-    b = torch.randn(41, bits, generator=gen)
-    a[:, ::5] = 0.0  # sign(0) = 0: ternary codes
-    b[::3, 1::4] = 0.0
-    packed_a, packed_b = ref.pack_sign_codes(a), ref.pack_sign_codes(b)
-    assert packed_a[0].dtype == torch.int64 and packed_a[0].shape == (41, (bits + 63) // 64)
-    got = ref.packed_sign_similarity(*packed_a, *packed_b, bits)
-    torch.testing.assert_close(got, ref.sign_similarity(a, b), rtol=0, atol=0)
+
+def test_guider_loss_rejects():
+    loss = gf.GuiderLoss(text_dim=6, image_dim=5, embed_dim=8, feat_embed_dim=4, hash_bits=8)
+    text, image = torch.randn(5, 6), torch.randn(5, 5)
+    with pytest.raises(IndexError, match="pos_items has indices outside"):
+        loss(UE, IE, USERS, torch.tensor([1, 7, 0]), NEG, text, image)
+    with pytest.raises(ValueError, match="text_feat must have shape"):
+        loss(UE, IE, USERS, POS, NEG, torch.randn(5, 3), image)
+    with pytest.raises(ValueError, match="image_feat must have shape"):
+        loss(UE, IE, USERS, POS, NEG, text, torch.randn(4, 5))
+    with pytest.raises(ValueError, match="text_feat has 6 rows"):
+        loss(UE, IE, USERS, POS, NEG, torch.randn(6, 6), torch.randn(6, 5))
+    with pytest.raises(ValueError, match="hash_bits must be a positive integer"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, hash_bits=0)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, distance="cosine")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, backend="gpu")
+    with pytest.raises(TypeError, match="threshold must be a real number"):
+        gf.GuiderLoss(text_dim=6, image_dim=5, threshold="high")
+    with pytest.raises(ValueError, match=r"text_feat \(rows projected by text_proj\) contains NaN"):
+        loss(UE, IE, USERS, POS, NEG, _with(text, (1, 1), math.nan), image)

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of guider_fast ahead of time for an H100 (sm_90), without a GPU.
 
-Run as a script (tests/test_triton_compile.py does, in a fresh process: kernels
+Run as a script (tests/ops/test_sm90_compile.py does, in a fresh process: kernels
 decorated under TRITON_INTERPRET=1 cannot be compiled).  Prints one line per
 kernel configuration and exits non-zero on the first compile error.
 """

@@ -1,4 +1,8 @@
-"""Bad input raises ValueError / TypeError / IndexError whose message names the argument."""
+"""Bad input raises ValueError / TypeError / IndexError whose message names the argument.
+
+Checks run before dispatch, so they are backend-independent: tested once, on CPU
+(GuiderLoss's are in tests/test_losses.py, dbpr_step's and calibrate_items' beside their ops).
+"""
 
 import math
 
@@ -178,29 +182,6 @@ def test_calibrate_rejects(override, exc, match):
     kwargs = {k: args.pop(k) for k in ("distance", "threshold") if k in args}
     with pytest.raises(exc, match=match):
         gf.calibrate(**args, **kwargs)
-
-
-def test_guider_loss_rejects():
-    loss = gf.GuiderLoss(text_dim=6, image_dim=5, embed_dim=8, feat_embed_dim=4, hash_bits=8)
-    text, image = torch.randn(5, 6), torch.randn(5, 5)
-    with pytest.raises(IndexError, match="pos_items has indices outside"):
-        loss(UE, IE, USERS, torch.tensor([1, 7, 0]), NEG, text, image)
-    with pytest.raises(ValueError, match="text_feat must have shape"):
-        loss(UE, IE, USERS, POS, NEG, torch.randn(5, 3), image)
-    with pytest.raises(ValueError, match="image_feat must have shape"):
-        loss(UE, IE, USERS, POS, NEG, text, torch.randn(4, 5))
-    with pytest.raises(ValueError, match="text_feat has 6 rows"):
-        loss(UE, IE, USERS, POS, NEG, torch.randn(6, 6), torch.randn(6, 5))
-    with pytest.raises(ValueError, match="hash_bits must be a positive integer"):
-        gf.GuiderLoss(text_dim=6, image_dim=5, hash_bits=0)
-    with pytest.raises(ValueError, match="distance must be one of"):
-        gf.GuiderLoss(text_dim=6, image_dim=5, distance="cosine")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        gf.GuiderLoss(text_dim=6, image_dim=5, backend="gpu")
-    with pytest.raises(TypeError, match="threshold must be a real number"):
-        gf.GuiderLoss(text_dim=6, image_dim=5, threshold="high")
-    with pytest.raises(ValueError, match=r"text_feat \(rows projected by text_proj\) contains NaN"):
-        loss(UE, IE, USERS, POS, NEG, _with(text, (1, 1), math.nan), image)
 
 
 def test_numpy_scalars_are_accepted():
