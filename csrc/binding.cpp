@@ -297,23 +297,33 @@ DbprArgs check_dbpr(const char* op, const at::Tensor& user_table, const at::Tens
   return DbprArgs{table, batch, neg_items.size(1), dim};
 }
 
+struct TripletWeights {
+  const void* data = nullptr;
+  gfc::DType dtype = gfc::DType::Float32;
+  int64_t stride = 0;
+};
+
+TripletWeights check_weights(const char* op, const std::optional<at::Tensor>& weights, const at::Tensor& like,
+                          int64_t batch) {
+  TripletWeights w;
+  if (weights.has_value()) {
+    check_device(op, "weights", *weights, "user_table", like);
+    check_rank(op, "weights", *weights, 1, "one weight per triplet (B,)");
+    check_size(op, "weights", *weights, 0, batch, "one weight per triplet of 'users'");
+    w.dtype = float_dtype(op, "weights", *weights);
+    w.data = weights->data_ptr();
+    w.stride = weights->stride(0);
+  }
+  return w;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dbpr_forward(const at::Tensor& user_table,
                                                             const at::Tensor& item_table, const at::Tensor& users,
                                                             const at::Tensor& pos_items, const at::Tensor& neg_items,
                                                             const std::optional<at::Tensor>& weights) {
   const char* op = "guider_fast_cuda::dbpr_forward";
   const DbprArgs a = check_dbpr(op, user_table, item_table, users, pos_items, neg_items);
-  const void* w = nullptr;
-  gfc::DType w_dtype = gfc::DType::Float32;
-  int64_t w_stride = 0;
-  if (weights.has_value()) {
-    check_device(op, "weights", *weights, "user_table", user_table);
-    check_rank(op, "weights", *weights, 1, "one weight per triplet (B,)");
-    check_size(op, "weights", *weights, 0, a.batch, "one weight per triplet of 'users'");
-    w_dtype = float_dtype(op, "weights", *weights);
-    w = weights->data_ptr();
-    w_stride = weights->stride(0);
-  }
+  const TripletWeights w = check_weights(op, weights, user_table, a.batch);
   const auto f32 = user_table.options().dtype(at::kFloat);
   at::Tensor rows = at::empty({a.batch}, f32), coef = at::empty({a.batch, a.k_neg + 1}, f32),
              log_sig = at::empty({a.batch}, f32);
@@ -322,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dbpr_forward(const at::Tensor& us
   run(op, user_table, [&](cudaStream_t stream) {
     return gfc::dbpr_forward(view(user_table, a.table), view(item_table, a.table), users.data_ptr<int64_t>(),
                              pos_items.data_ptr<int64_t>(), neg_items.data_ptr<int64_t>(), neg_items.stride(0),
-                             neg_items.stride(1), w, w_dtype, w_stride, a.batch, a.k_neg, a.dim, 1.0f, 0.0f, out,
+                             neg_items.stride(1), w.data, w.dtype, w.stride, a.batch, a.k_neg, a.dim, 1.0f, 0.0f, out,
                              stream);
   });
   return {rows, coef, log_sig};
@@ -357,6 +367,114 @@ std::tuple<at::Tensor, at::Tensor> dbpr_backward(const at::Tensor& user_table, c
   return {grad_user, grad_item};
 }
 
+// ------------------------------------------------------------------ DBPR fused steps
+
+// A sorted index vector (keys) or its stable sort's order, of `n` entries.
+void check_sorted_vector(const char* op, const char* name, const at::Tensor& x, const at::Tensor& like, int64_t n,
+                         const char* what) {
+  check_device(op, name, x, "user_table", like);
+  check_dtype(op, name, x, at::kLong);
+  check_rank(op, name, x, 1, what);
+  check_size(op, name, x, 0, n, what);
+  check_contiguous(op, name, x);
+}
+
+#ifdef GUIDER_FAST_CUDA_SIM
+// On host tensors the runs' invariants cost nothing to check: sorted keys, and keys
+// equal to the rows their order points at (a wrong sort would write the wrong rows).
+void check_runs(const char* op, const char* keys_name, const at::Tensor& keys, const at::Tensor& order,
+                const at::Tensor& rows) {
+  TORCH_CHECK(keys.numel() < 2 || (keys.slice(0, 1) >= keys.slice(0, 0, -1)).all().item<bool>(), op,
+              ": argument '", keys_name, "' must be sorted (a stable torch.sort of the rows)");
+  TORCH_CHECK(rows.index_select(0, order).equal(keys), op, ": argument '", keys_name,
+              "' must equal the rows at its order (keys[i] == rows[order[i]])");
+}
+#else
+void check_runs(const char*, const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+#endif
+
+std::tuple<at::Tensor, at::Tensor> dbpr_step(const at::Tensor& user_table, const at::Tensor& item_table,
+                                             const at::Tensor& users, const at::Tensor& pos_items,
+                                             const at::Tensor& neg_items, const std::optional<at::Tensor>& weights,
+                                             const at::Tensor& user_keys, const at::Tensor& user_order,
+                                             const at::Tensor& item_keys, const at::Tensor& item_order,
+                                             const std::optional<at::Tensor>& user_accumulator,
+                                             const std::optional<at::Tensor>& item_accumulator, double lr,
+                                             double l2, double scale) {
+  const char* op = "guider_fast_cuda::dbpr_step";
+  const DbprArgs a = check_dbpr(op, user_table, item_table, users, pos_items, neg_items);
+  const TripletWeights w = check_weights(op, weights, user_table, a.batch);
+  const int64_t n_occ = a.batch * (a.k_neg + 1);
+  check_int32(op, "neg_items", n_occ, "the number of item occurrences B (K+1)");
+  check_sorted_vector(op, "user_keys", user_keys, user_table, a.batch, "the sorted users (B,)");
+  check_sorted_vector(op, "user_order", user_order, user_table, a.batch, "the sort order of 'users' (B,)");
+  check_sorted_vector(op, "item_keys", item_keys, user_table, n_occ, "the sorted item occurrences (B (K+1),)");
+  check_sorted_vector(op, "item_order", item_order, user_table, n_occ, "their sort order (B (K+1),)");
+  check_index_range(op, "user_order", user_order, a.batch, "users");
+  check_index_range(op, "item_order", item_order, n_occ, "the item occurrences");
+  check_runs(op, "user_keys", user_keys, user_order, users);
+  check_runs(op, "item_keys", item_keys, item_order, at::cat({pos_items, neg_items.reshape(-1)}));
+  TORCH_CHECK(user_accumulator.has_value() == item_accumulator.has_value(), op,
+              ": arguments 'user_accumulator' and 'item_accumulator' must be given together (row-wise Adagrad) "
+              "or both omitted (SGD)");
+  float* user_acc = nullptr;
+  float* item_acc = nullptr;
+  if (user_accumulator.has_value()) {
+    const std::pair<const char*, const at::Tensor&> accs[] = {{"user_accumulator", *user_accumulator},
+                                                              {"item_accumulator", *item_accumulator}};
+    const int64_t n_rows[] = {user_table.size(0), item_table.size(0)};
+    for (int i = 0; i < 2; ++i) {
+      const auto& [name, acc] = accs[i];
+      check_device(op, name, acc, "user_table", user_table);
+      check_dtype(op, name, acc, at::kFloat);
+      check_rank(op, name, acc, 1, "one float32 sum per table row");
+      check_size(op, name, acc, 0, n_rows[i], i == 0 ? "the rows of 'user_table'" : "the rows of 'item_table'");
+      check_contiguous(op, name, acc);
+    }
+    user_acc = user_accumulator->data_ptr<float>();
+    item_acc = item_accumulator->data_ptr<float>();
+  }
+  const auto f32 = user_table.options().dtype(at::kFloat);
+  at::Tensor rows = at::empty({a.batch}, f32), margins = at::empty({a.batch, a.k_neg}, f32);
+  at::Tensor workspace = at::empty({gfc::dbpr_step_workspace_floats(a.batch, a.k_neg, a.dim)}, f32);
+  const gfc::DbprSortedRuns runs{user_keys.data_ptr<int64_t>(), user_order.data_ptr<int64_t>(),
+                                 item_keys.data_ptr<int64_t>(), item_order.data_ptr<int64_t>()};
+  const gfc::DbprStepOutputs out{rows.data_ptr<float>(), margins.data_ptr<float>(), workspace.data_ptr<float>()};
+  run(op, user_table, [&](cudaStream_t stream) {
+    return gfc::dbpr_step(view(user_table, a.table), view(item_table, a.table), users.data_ptr<int64_t>(),
+                          pos_items.data_ptr<int64_t>(), neg_items.data_ptr<int64_t>(), neg_items.stride(0),
+                          neg_items.stride(1), w.data, w.dtype, w.stride, runs, user_acc, item_acc, a.batch, a.k_neg,
+                          a.dim, static_cast<float>(lr), static_cast<float>(l2), static_cast<float>(scale), out,
+                          stream);
+  });
+  return {rows, margins};
+}
+
+std::tuple<at::Tensor, at::Tensor> dbpr_atomic_sgd_step(const at::Tensor& user_table, const at::Tensor& item_table,
+                                                        const at::Tensor& users, const at::Tensor& pos_items,
+                                                        const at::Tensor& neg_items,
+                                                        const std::optional<at::Tensor>& weights, double lr,
+                                                        double l2, double scale) {
+  const char* op = "guider_fast_cuda::dbpr_atomic_sgd_step";
+  const DbprArgs a = check_dbpr(op, user_table, item_table, users, pos_items, neg_items);
+  check_dtype(op, "user_table", user_table, at::kFloat);
+  TORCH_CHECK(a.dim <= gfc::kDbprAtomicMaxDim, op, ": argument 'user_table' has D = ", a.dim,
+              " features, over the atomic step's ", gfc::kDbprAtomicMaxDim,
+              " (its rows live in registers; the sorted step has no bound)");
+  const TripletWeights w = check_weights(op, weights, user_table, a.batch);
+  const auto f32 = user_table.options().dtype(at::kFloat);
+  at::Tensor rows = at::empty({a.batch}, f32), margins = at::empty({a.batch, a.k_neg}, f32);
+  run(op, user_table, [&](cudaStream_t stream) {
+    return gfc::dbpr_atomic_sgd_step(view(user_table, a.table), view(item_table, a.table), users.data_ptr<int64_t>(),
+                                     pos_items.data_ptr<int64_t>(), neg_items.data_ptr<int64_t>(),
+                                     neg_items.stride(0), neg_items.stride(1), w.data, w.dtype, w.stride, a.batch,
+                                     a.k_neg, a.dim, static_cast<float>(lr), static_cast<float>(l2),
+                                     static_cast<float>(scale), rows.data_ptr<float>(), margins.data_ptr<float>(),
+                                     stream);
+  });
+  return {rows, margins};
+}
+
 }  // namespace
 
 #ifdef GUIDER_FAST_CUDA_SIM
@@ -368,6 +486,8 @@ TORCH_LIBRARY_IMPL(guider_fast_cuda, CUDA, m) {
   m.impl("calibrate_cached", TORCH_FN(calibrate_cached));
   m.impl("dbpr_forward", TORCH_FN(dbpr_forward));
   m.impl("dbpr_backward", TORCH_FN(dbpr_backward));
+  m.impl("dbpr_step", TORCH_FN(dbpr_step));
+  m.impl("dbpr_atomic_sgd_step", TORCH_FN(dbpr_atomic_sgd_step));
 }
 
 #ifndef GUIDER_FAST_CUDA_SIM

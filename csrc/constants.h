@@ -16,5 +16,15 @@ constexpr double CALIBRATION_MINMAX_EPS = 1e-7;
 // GeomLoss's p=1 cost is sqrt(max(|x|^2 - 2x.y + |y|^2, floor)).
 constexpr double GEOMLOSS_SQRT_FLOOR = 1e-8;
 
+// Sinkhorn (csrc/sinkhorn.cu): the tol test reads the row-marginal error every
+// SINKHORN_CHECK_EVERY iterations; the envelope backward clamps log P_ij at
+// EXP_FLOOR and divides by max(|x - y|, DISTANCE_FLOOR) for p=1.
+constexpr double SINKHORN_CHECK_EVERY = 10;
+constexpr double EXP_FLOOR = -80.0;
+constexpr double DISTANCE_FLOOR = 1e-30;
+
+// Row-wise Adagrad (csrc/dbpr_step.cu): row -= lr * grad / (sqrt(acc) + ADAGRAD_EPS).
+constexpr double ADAGRAD_EPS = 1e-10;
+
 }  // namespace constants
 }  // namespace guider_fast

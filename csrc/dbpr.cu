@@ -8,42 +8,11 @@
 // no compile-time bound on D.  Sums use explicitly rounded intrinsics (no FMA
 // contraction by nvcc); expf/log1pf are CUDA's libm on the GPU and the host's
 // in the sim (a few ulp apart: see csrc/README.md).
-#include "cuda_compat.h"
-#include "guider_fast_cuda.h"
+#include "dbpr_common.cuh"
 
 namespace guider_fast {
 namespace cuda {
 namespace {
-
-constexpr int kWarp = 32;
-constexpr unsigned kFull = 0xffffffffu;
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * kWarp;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ float load_weight(const void* w, int dtype, int64_t at) {
-  switch (dtype) {
-    case 1: return __half2float(static_cast<const __half*>(w)[at]);
-    case 2: return __bfloat162float(static_cast<const __nv_bfloat16*>(w)[at]);
-    default: return static_cast<const float*>(w)[at];
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x = __fadd_rn(x, __shfl_xor_sync(kFull, x, offset));
-  return x;
-}
-
-// (logsigmoid(x), sigmoid(-x)) without overflow for any finite x.
-__device__ __forceinline__ void logsigmoid_and_sigmoid_neg(float x, float* log_sig, float* sig_neg) {
-  const float e = expf(-fabsf(x));
-  const float one_plus = __fadd_rn(1.0f, e);
-  *log_sig = __fsub_rn(fminf(x, 0.0f), log1pf(e));
-  *sig_neg = x >= 0.0f ? __fdiv_rn(e, one_plus) : __fdiv_rn(1.0f, one_plus);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -78,12 +47,8 @@ __global__ void __launch_bounds__(kThreads)
       un = __fmaf_rn(x, y, un);
       nn = __fmaf_rn(y, y, nn);
     }
-    const float margin = __fsub_rn(pos_score, warp_sum(un));
-    squares = __fadd_rn(squares, warp_sum(nn));
-    float log_sig, sig_neg;
-    logsigmoid_and_sigmoid_neg(margin, &log_sig, &sig_neg);
-    log_sig_sum = __fadd_rn(log_sig_sum, log_sig);
-    sig_sum = __fadd_rn(sig_sum, sig_neg);
+    float sig_neg;
+    const float margin = score_negative(pos_score, un, nn, &squares, &log_sig_sum, &sig_sum, &sig_neg);
     if (lane == 0) {
       if (margins) margins[b * k_neg + k] = margin;
       coef[b * (k_neg + 1) + 1 + k] = __fmul_rn(c, sig_neg);
@@ -162,8 +127,6 @@ cudaError_t launch(const MatrixView& ut, const MatrixView& it, const int64_t* us
    out.rows, out.coef, out.log_sig, out.margins);
   return cudaGetLastError();
 }
-
-bool valid_dtype(DType d) { return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16; }
 
 }  // namespace
 

@@ -115,5 +115,64 @@ cudaError_t dbpr_backward(MatrixView user_table, MatrixView item_table, const in
                           int64_t batch, int64_t k_neg, int64_t dim, float* grad_user, float* grad_item,
                           cudaStream_t stream);
 
+// ------------------------------------------------------------------ DBPR fused training step
+//
+// kernels/dbpr.py's fused_step (duplicates="sorted") in place: the forward of
+// dbpr_forward (scale, l2 as there), then every row of the batch updated once
+// with the sum of its occurrences' gradients, all computed from the rows as they
+// were before the step (dense autograd followed by the optimizer):
+//   grad_user[r] = sum_{b: users[b] = r} (G_b0 p_b + sum_k G_b(1+k) n_bk) + l2 scale count_r u_r
+//   grad_item[r] = sum_{occurrences o of r} G_o u_b(o)                     + l2 scale count_r i_r
+//   SGD:      row -= lr grad
+//   Adagrad:  acc[r] += sum_d grad_d^2 / D;  row -= lr (grad / (sqrt(acc[r]) + ADAGRAD_EPS))
+// (both accumulators given: row-wise Adagrad; both null: SGD).  Three launches:
+// user runs (score, stash each user's summed gradient), item runs (update in place
+// from the unchanged user rows), stashed user updates.  One warp per sorted run;
+// each sum in sorted-occurrence order with fixed reduction trees: the result
+// does not depend on thread scheduling.  float32 math, one rounding per stored row.
+//
+// The runs are the caller's stable sorts (guider_fast.reference.dbpr_step._sort_rows):
+// user_keys (B,) = sort(users), user_order (B,) the triplet of each sorted position;
+// item occurrences o < B are triplet o's positive and o = B + b K + k negative k of
+// triplet b: item_keys (B (K+1),) = sort(occurrence rows), item_order their o.
+// Neither sortedness nor ranges are checked here (the caller validates).
+struct DbprSortedRuns {
+  const int64_t* user_keys;
+  const int64_t* user_order;
+  const int64_t* item_keys;
+  const int64_t* item_order;
+};
+
+struct DbprStepOutputs {
+  float* rows;       // (B,) the per-triplet terms (loss = scale * sum)
+  float* margins;    // (B, K)
+  float* workspace;  // dbpr_step_workspace_floats(B, K, D) floats, no initialisation needed
+};
+
+int64_t dbpr_step_workspace_floats(int64_t batch, int64_t k_neg, int64_t dim);
+
+// The tables are written through their views (data is cast to non-const).
+// user_acc (n_users,), item_acc (n_items,): float32 row-wise Adagrad sums, or both null.
+// batch >= 1, k_neg >= 1, dim >= 0, batch (k_neg + 1) < 2^31.
+cudaError_t dbpr_step(MatrixView user_table, MatrixView item_table, const int64_t* users, const int64_t* pos_items,
+                      const int64_t* neg_items, int64_t neg_stride_row, int64_t neg_stride_col, const void* weights,
+                      DType weights_dtype, int64_t weights_stride, const DbprSortedRuns& runs, float* user_acc,
+                      float* item_acc, int64_t batch, int64_t k_neg, int64_t dim, float lr, float l2, float scale,
+                      const DbprStepOutputs& out, cudaStream_t stream);
+
+// kernels/dbpr.py's atomic_sgd_step (duplicates="atomic", Hogwild SGD) on float32
+// tables: one warp per triplet, the rows and coefficients in registers; every row
+// of a block is read before the block adds -lr grad to any with relaxed atomics
+// (the decay l2 scale n of a negative re-reads its row, as the Triton kernel does).
+// Blocks of up to 32 triplets (16 for strided tables); later blocks may see earlier blocks' updates.
+// dim <= kDbprAtomicMaxDim (the registers' bound); rows and margins as dbpr_step's.
+constexpr int64_t kDbprAtomicMaxDim = 256;
+
+cudaError_t dbpr_atomic_sgd_step(MatrixView user_table, MatrixView item_table, const int64_t* users,
+                                 const int64_t* pos_items, const int64_t* neg_items, int64_t neg_stride_row,
+                                 int64_t neg_stride_col, const void* weights, DType weights_dtype,
+                                 int64_t weights_stride, int64_t batch, int64_t k_neg, int64_t dim, float lr, float l2,
+                                 float scale, float* rows, float* margins, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace guider_fast

@@ -51,6 +51,27 @@ def _dbpr_backward_fake(user_table, item_table, users, pos_items, neg_items, coe
     return _library._dbpr_backward_fake(user_table, item_table, users, pos_items, neg_items, coef,
                                         grad_rows, "atomic")
 
+_LIB.define("dbpr_step(Tensor(a!) user_table, Tensor(b!) item_table, Tensor users, Tensor pos_items, "
+            "Tensor neg_items, Tensor? weights, Tensor user_keys, Tensor user_order, Tensor item_keys, "
+            "Tensor item_order, Tensor(c!)? user_accumulator, Tensor(d!)? item_accumulator, float lr, "
+            "float l2, float scale) -> (Tensor, Tensor)")
+_LIB.define("dbpr_atomic_sgd_step(Tensor(a!) user_table, Tensor(b!) item_table, Tensor users, "
+            "Tensor pos_items, Tensor neg_items, Tensor? weights, float lr, float l2, float scale) "
+            "-> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dbpr_step", lib=_LIB)
+def _dbpr_step_fake(user_table, item_table, users, pos_items, neg_items, weights, user_keys, user_order,
+                    item_keys, item_order, user_accumulator, item_accumulator, lr, l2, scale):
+    return _library._dbpr_fused_step_fake(user_table, item_table, users, pos_items, neg_items, weights,
+                                          user_accumulator, item_accumulator, lr, l2, scale)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dbpr_atomic_sgd_step", lib=_LIB)
+def _dbpr_atomic_sgd_step_fake(user_table, item_table, users, pos_items, neg_items, weights, lr, l2, scale):
+    return _library._dbpr_atomic_sgd_step_fake(user_table, item_table, users, pos_items, neg_items, weights,
+                                               lr, l2, scale)
+
 
 def ops():
     """``torch.ops.guider_fast_cuda`` (implementations present once a build is loaded)."""

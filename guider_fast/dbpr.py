@@ -226,7 +226,7 @@ def _dbpr_step_triton(user_table, item_table, users, pos_items, neg_items, weigh
     user_acc = item_acc = None
     if optimizer == "rowwise_adagrad":
         user_acc, item_acc = state.user, state.item
-    scale = 1.0 / users.shape[0] if reduction == "mean" else 1.0
+    scale = _step_scale(users, reduction)
     if duplicates == "atomic":
         rows, margins = _library.dbpr_atomic_sgd_step(user_table, item_table, users, pos_items,
                                                       neg_items, weights, lr, l2, scale)
@@ -236,8 +236,50 @@ def _dbpr_step_triton(user_table, item_table, users, pos_items, neg_items, weigh
     return rows.sum() * scale, margins
 
 
+def _step_scale(users, reduction):
+    return 1.0 / users.shape[0] if reduction == "mean" else 1.0
+
+
+def _dbpr_step_cuda(user_table, item_table, users, pos_items, neg_items, weights, lr, optimizer,
+                    state, l2, reduction, duplicates):
+    ops = _library_cuda.ops()
+    scale = _step_scale(users, reduction)
+    users, pos_items = users.contiguous(), pos_items.contiguous()
+    if duplicates == "atomic":
+        rows, margins = ops.dbpr_atomic_sgd_step(user_table, item_table, users, pos_items, neg_items,
+                                                 weights, lr, l2, scale)
+        return rows.sum() * scale, margins
+    # The sorted runs as the torch step sorts them (one stable sort, users then items).
+    (user_keys, user_order), (item_keys, item_order) = ref_step._sort_rows(
+        users, torch.cat([pos_items, neg_items.reshape(-1)]), user_table.shape[0])
+    accumulators = (state.user, state.item) if optimizer == "rowwise_adagrad" else (None, None)
+    rows, margins = ops.dbpr_step(user_table, item_table, users, pos_items, neg_items, weights,
+                                  user_keys.long(), user_order, item_keys.long(), item_order,
+                                  *accumulators, lr, l2, scale)
+    return rows.sum() * scale, margins
+
+
+# The CUDA atomic step keeps rows in registers (guider_fast_cuda.h's kDbprAtomicMaxDim).
+CUDA_ATOMIC_MAX_DIM = 256
+
+
+def _dbpr_step_cuda_limits(problem):
+    duplicates, dim, l2 = problem
+    if duplicates == "atomic" and dim > CUDA_ATOMIC_MAX_DIM:
+        return (f"the CUDA atomic step keeps its rows in registers: D <= {CUDA_ATOMIC_MAX_DIM}, "
+                f"got D = {dim} (use duplicates='sorted', or backend 'triton' or 'torch')")
+    if duplicates == "atomic" and l2 != 0:
+        # A negative's L2 decay re-reads its row after other warps of the block may have
+        # added to it, so within a block it would not equal the exact step.
+        return ("the CUDA atomic step takes l2=0 only (use duplicates='sorted', or backend "
+                "'triton' or 'torch')")
+    return None
+
+
 _dispatch.register("dbpr_step", "torch", _dbpr_step_torch)
 _dispatch.register("dbpr_step", "triton", _dbpr_step_triton, dtypes=TRITON_DTYPES)
+_dispatch.register("dbpr_step", "cuda", _dbpr_step_cuda, dtypes=TRITON_DTYPES,
+                   limits=_dbpr_step_cuda_limits)
 
 
 def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.Tensor,
@@ -278,7 +320,8 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
     which avoids page faults on every step).
     ``guider_fast.reference.dbpr_step.release_workspace()`` frees them.  ``weights`` act as constants.
     Returns the loss (and the (B, K) score margins when ``return_scores``),
-    computed before the update.  backend: "auto" | "torch" | "triton".
+    computed before the update.  backend: "auto" | "torch" | "triton" | "cuda" (the CUDA C++
+    kernels: both policies; "atomic" there needs D <= 256).
     """
     V.require_choice("optimizer", optimizer, OPTIMIZERS)
     V.require_choice("reduction", reduction, ("mean", "sum"))
@@ -309,7 +352,8 @@ def dbpr_step(user_table: torch.Tensor, item_table: torch.Tensor, users: torch.T
                                ("state.item", state.item)])
     elif state is not None:
         raise ValueError("state is only used by optimizer='rowwise_adagrad'")
-    _, impl = _dispatch.resolve("dbpr_step", backend, user_table.device, user_table.dtype)
+    _, impl = _dispatch.resolve("dbpr_step", backend, user_table.device, user_table.dtype,
+                                problem=(duplicates, user_table.shape[1], float(l2)))
     negatives = neg_items.unsqueeze(1) if neg_items.dim() == 1 else neg_items
     with torch.no_grad():  # an in-place update of the tables, never part of a graph
         loss, margins = impl(user_table, item_table, users.long(), pos_items.long(),

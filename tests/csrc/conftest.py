@@ -326,3 +326,30 @@ def pytest_terminal_summary(terminalreporter):
         slowest = ", ".join(f"{j.name} {j.seconds:.1f} s" for j in sorted(built, key=lambda j: -j.seconds)[:4])
         terminalreporter.write_line(f"csrc: built {len(built)} jobs, {total:.1f} s of compiler time "
                                     f"(slowest: {slowest})")
+
+
+# ------------------------------------------------------------------ sinkhorn (csrc/sinkhorn.cu)
+# The ctypes library of test_sim_sinkhorn.py: the plain sim objects of _jobs (the
+# capi library's, csrc/*.cu include sinkhorn.cu) linked with sinkhorn_capi.cpp,
+# which includes sim_capi.cpp.  Added to the graph once _jobs has built it.
+SINKHORN_CAPI = TESTS / "sinkhorn_capi.cpp"
+FIXTURE_BUILDS["sinkhorn_library"] = ["sinkhorn_capi"]
+_jobs_without_sinkhorn = _jobs
+
+
+def _jobs(config) -> dict:  # noqa: F811 (extends the graph above)
+    jobs = _jobs_without_sinkhorn(config)
+    if "sinkhorn_capi" not in jobs:
+        capi = jobs["capi"]
+        objs = [dep for dep in capi.deps if dep.name != f"sim/{SIM_CAPI.name}"]
+        wrapper = Job(f"sim/{SINKHORN_CAPI.name}", SINKHORN_CAPI.stem + ".o",
+                      [GXX, *COMMON, "-O2", "-fPIC", "-c", str(SINKHORN_CAPI), "-o", "@OUT@"], GXX,
+                      sources=[SINKHORN_CAPI, SIM_CAPI])
+        jobs["sinkhorn_capi"] = Job("sinkhorn_capi", "libgf_sim_sinkhorn.so", [GXX, "-shared", *objs, wrapper, "-o",
+                                                                               "@OUT@"], GXX, deps=objs + [wrapper])
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def sinkhorn_library(request) -> Path:
+    return _wait(request, "sinkhorn_capi")[0]

@@ -104,4 +104,46 @@ int gf_sim_dbpr_backward(const void* user_table, long long u_stride_row, long lo
   });
 }
 
+// The fused steps, in place on the tables.  keys/orders: the sorted runs (DbprSortedRuns);
+// user_acc/item_acc both null for SGD; workspace: gf_sim_dbpr_step_workspace_floats floats.
+long long gf_sim_dbpr_step_workspace_floats(long long batch, long long k_neg, long long dim) {
+  return gfc::dbpr_step_workspace_floats(batch, k_neg, dim);
+}
+
+int gf_sim_dbpr_step(void* user_table, long long u_stride_row, long long u_stride_col, void* item_table,
+                     long long i_stride_row, long long i_stride_col, int table_dtype, const long long* users,
+                     const long long* pos_items, const long long* neg_items, long long neg_stride_row,
+                     long long neg_stride_col, const void* weights, int weights_dtype, long long weights_stride,
+                     const long long* user_keys, const long long* user_order, const long long* item_keys,
+                     const long long* item_order, float* user_acc, float* item_acc, long long batch,
+                     long long k_neg, long long dim, float lr, float l2, float scale, float* rows, float* margins,
+                     float* workspace, char* error, int error_len) {
+  const auto td = static_cast<gfc::DType>(table_dtype);
+  const gfc::MatrixView ut{user_table, td, u_stride_row, u_stride_col}, it{item_table, td, i_stride_row, i_stride_col};
+  auto w = [](const long long* p) { return reinterpret_cast<const int64_t*>(p); };
+  const gfc::DbprSortedRuns runs{w(user_keys), w(user_order), w(item_keys), w(item_order)};
+  const gfc::DbprStepOutputs out{rows, margins, workspace};
+  return guarded(error, error_len, [&] {
+    return gfc::dbpr_step(ut, it, w(users), w(pos_items), w(neg_items), neg_stride_row, neg_stride_col, weights,
+                          static_cast<gfc::DType>(weights_dtype), weights_stride, runs, user_acc, item_acc, batch,
+                          k_neg, dim, lr, l2, scale, out, nullptr);
+  });
+}
+
+int gf_sim_dbpr_atomic_sgd_step(void* user_table, long long u_stride_row, long long u_stride_col, void* item_table,
+                                long long i_stride_row, long long i_stride_col, const long long* users,
+                                const long long* pos_items, const long long* neg_items, long long neg_stride_row,
+                                long long neg_stride_col, const void* weights, int weights_dtype,
+                                long long weights_stride, long long batch, long long k_neg, long long dim, float lr,
+                                float l2, float scale, float* rows, float* margins, char* error, int error_len) {
+  const gfc::MatrixView ut{user_table, gfc::DType::Float32, u_stride_row, u_stride_col},
+      it{item_table, gfc::DType::Float32, i_stride_row, i_stride_col};
+  auto w = [](const long long* p) { return reinterpret_cast<const int64_t*>(p); };
+  return guarded(error, error_len, [&] {
+    return gfc::dbpr_atomic_sgd_step(ut, it, w(users), w(pos_items), w(neg_items), neg_stride_row, neg_stride_col,
+                                     weights, static_cast<gfc::DType>(weights_dtype), weights_stride, batch, k_neg,
+                                     dim, lr, l2, scale, rows, margins, nullptr);
+  });
+}
+
 }  // extern "C"

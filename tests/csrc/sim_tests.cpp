@@ -860,6 +860,55 @@ TEST(sim_atomics) {
 }
 
 // ------------------------------------------------------------------ main
+// ------------------------------------------------------------------ sinkhorn (csrc/sinkhorn.cu)
+// The kernels' numerics are checked against the torch reference by test_sim_sinkhorn.py;
+// this test runs them in the sanitizer builds: a ragged batch over the three tiles,
+// bitwise across thread orders, converged, padded gradients exactly zero.
+#include "sinkhorn_cuda.h"
+
+TEST(sinkhorn_tiny_small) {
+  const int64_t batch = 3, d = 3;  // TSan: ~10x per fiber switch; a blur that converges in 10-20 iterations
+  for (const auto& nm : {std::array<int64_t, 2>{1, 7}, std::array<int64_t, 2>{13, 7}, std::array<int64_t, 2>{32, 13}}) {
+    const int64_t n = nm[0], m = nm[1];
+    std::mt19937 gen(static_cast<unsigned>(n * 100 + m));
+    std::normal_distribution<float> normal;
+    std::vector<float> x(batch * n * d), y(batch * m * d), a(batch * n), b(batch * m), scale(batch, 1.0f);
+    for (auto& v : x) v = normal(gen);
+    for (auto& v : y) v = normal(gen) + 0.5f;
+    // Problem q keeps its first n - q % 3 (m - q % 2) points, uniform weights, zero padding.
+    for (int64_t i = 0; i < batch * n; ++i) a[i] = (i % n) < std::max<int64_t>(1, n - (i / n) % 3) ? 1.0f : 0.0f;
+    for (int64_t j = 0; j < batch * m; ++j) b[j] = (j % m) < m - (j / m) % 2 ? 1.0f : 0.0f;
+    for (auto* w : {&a, &b}) {
+      const int64_t size = static_cast<int64_t>(w->size()) / batch;
+      for (int64_t q = 0; q < batch; ++q) {
+        float mass = 0.0f;
+        for (int64_t k = 0; k < size; ++k) mass += (*w)[q * size + k];
+        for (int64_t k = 0; k < size; ++k) (*w)[q * size + k] /= mass;
+      }
+    }
+    std::vector<float> first;
+    for (cuda_sim::Order order : kOrders) {
+      cuda_sim::set_thread_order(order, 7);
+      std::vector<float> f(batch * n), g(batch * m), err(batch), gx(batch * n * d), gy(batch * m * d);
+      std::vector<int32_t> iters(batch);
+      const gfc::SinkhornTinyOutputs out{f.data(), g.data(), err.data(), iters.data()};
+      CHECK(gfc::sinkhorn_tiny(x.data(), y.data(), a.data(), b.data(), batch, n, m, d, 2, 2.0f, 100, true, 1e-3f,
+                               out, nullptr) == cudaSuccess);
+      CHECK(gfc::sinkhorn_tiny_envelope(x.data(), y.data(), a.data(), b.data(), f.data(), g.data(), scale.data(),
+                                        batch, n, m, d, 1, 2.0f, gx.data(), gy.data(), nullptr) == cudaSuccess);
+      for (int64_t p = 0; p < batch; ++p) CHECK_MSG(err[p] <= 1e-3f && iters[p] < 100, "problem " << p << " iterations " << iters[p]);
+      for (int64_t i = 0; i < batch * n * d; ++i) CHECK(std::isfinite(gx[i]) && (a[i / d] > 0.0f || gx[i] == 0.0f));
+      for (int64_t j = 0; j < batch * m * d; ++j) CHECK(std::isfinite(gy[j]) && (b[j / d] > 0.0f || gy[j] == 0.0f));
+      std::vector<float> all = f;
+      for (const auto* v : {&g, &err, &gx, &gy}) all.insert(all.end(), v->begin(), v->end());
+      for (int32_t it : iters) all.push_back(static_cast<float>(it));
+      if (first.empty()) first = all;
+      CHECK_MSG(same_bits(first, all), order_name(order));
+    }
+  }
+  cuda_sim::set_thread_order(cuda_sim::Order::Forward, 0);
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> names;
   const std::string mode = argc > 1 ? argv[1] : "all";

@@ -320,3 +320,99 @@ def test_setup_hook_says_why_it_builds_nothing_here():
     failed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "GUIDER_FAST_BUILD_CUDA": "1"})
     assert failed.returncode != 0 and "GUIDER_FAST_BUILD_CUDA=1 but guider_fast._C cannot be built" in failed.stderr
+
+
+# ------------------------------------------------------------------------- DBPR step
+
+from .test_sim_dbpr_step import TOL as STEP_TOL  # noqa: E402
+from .test_sim_dbpr_step import problem as step_problem, reference_step, sim_step, step_lib  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("dtype, dim, k, optimizer", [(torch.float32, 13, 1, "sgd"), (torch.bfloat16, 16, 5, "sgd"),
+                                                      (torch.float16, 70, 2, "rowwise_adagrad"),
+                                                      (torch.float32, 64, 5, "rowwise_adagrad")])
+def test_dbpr_step_through_dispatch_matches_torch_step(sim_extension, step_lib, dtype, dim, k, optimizer):
+    user, item, users, pos, neg, weights = step_problem(33, k, dim, dtype, True, seed=dim + k)
+    if k == 1:
+        neg = neg[:, 0]  # the (B,) form
+    negatives = neg[:, None] if neg.dim() == 1 else neg
+    state = gf.RowwiseAdagradState(user, item) if optimizer != "sgd" else None
+    u, i = user.clone(), item.clone()
+    loss, margins = gf.dbpr_step(u, i, users, pos, neg, weights, lr=0.1, optimizer=optimizer, state=state, l2=0.01,
+                                 return_scores=True, backend="cuda")
+    acc = None if state is None else (torch.zeros(user.shape[0]), torch.zeros(item.shape[0]))
+    want_u, want_i, want_loss, want_margins, want_acc = reference_step(user, item, users, pos, negatives, weights,
+                                                                       0.1, optimizer, acc, 0.01, "mean")
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(margins, want_margins, rtol=1e-5, atol=1e-5)
+    assert u.dtype == dtype
+    torch.testing.assert_close(u.float(), want_u.to(dtype).float(), **STEP_TOL[dtype])
+    torch.testing.assert_close(i.float(), want_i.to(dtype).float(), **STEP_TOL[dtype])
+    # The very bits of the C API (same kernels, same runs).
+    cu, ci = user.clone(), item.clone()
+    sim_acc = None if state is None else (torch.zeros(user.shape[0]), torch.zeros(item.shape[0]))
+    rows, sim_margins = sim_step(step_lib, cu, ci, users, pos, negatives, weights, 0.1, 0.01, 1.0 / 33, sim_acc)
+    assert torch.equal(u, cu) and torch.equal(i, ci) and torch.equal(margins, sim_margins)
+    if state is not None:
+        assert torch.equal(state.user, sim_acc[0]) and torch.equal(state.item, sim_acc[1])
+
+
+def test_dbpr_atomic_step_through_dispatch(sim_extension):
+    user, item, users, pos, neg, weights = step_problem(16, 3, 16, torch.float32, True, seed=3)
+    u, i = user.clone(), item.clone()
+    loss = gf.dbpr_step(u, i, users, pos, neg, weights, lr=0.2, duplicates="atomic", backend="cuda")
+    want_u, want_i, want_loss, _, _ = reference_step(user, item, users, pos, neg, weights, 0.2, "sgd", None, 0.0,
+                                                     "mean")
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u, want_u, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(i, want_i, rtol=1e-5, atol=1e-6)
+    wide = torch.zeros(3, 257)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run dbpr_step: the CUDA atomic step keeps its "
+                                           "rows in registers: D <= 256, got D = 257"):
+        gf.dbpr_step(wide, wide, users[:2] % 3, pos[:2] % 3, neg[:2] % 3, lr=0.1, duplicates="atomic",
+                     backend="cuda")
+
+
+def _step_args(adagrad=True):
+    user, item, users, pos, neg, weights = step_problem(7, 3, 5, torch.float32, True, seed=2)
+    (uk, uo), (ik, io) = gf.reference.dbpr_step._sort_rows(users, torch.cat([pos, neg.reshape(-1)]), 7)
+    acc = [torch.zeros(7), torch.zeros(11)] if adagrad else [None, None]
+    return [user, item, users, pos, neg, weights, uk.long(), uo, ik.long(), io, *acc, 0.1, 0.01, 1.0 / 7]
+
+
+BAD_STEP = [
+    (6, lambda k: k.flip(0), "argument 'user_keys' must be sorted"),
+    (6, lambda k: k.int(), "argument 'user_keys' must be Long, got Int"),
+    (7, lambda o: o[:6], r"argument 'user_order' must have size 7 in dimension 0 \(the sort order of 'users'"),
+    (7, lambda o: o + 7, r"argument 'user_order' holds indices in \[\d+, \d+\], outside the 7 rows of 'users'"),
+    (8, lambda k: (k + 1).clamp(max=10), r"argument 'item_keys' must equal the rows at its order"),
+    (9, lambda o: o[::2], "argument 'item_order' must have size 28"),
+    (10, lambda a: a.double(), "argument 'user_accumulator' must be Float, got Double"),
+    (11, lambda a: a[:10], r"argument 'item_accumulator' must have size 11 in dimension 0 \(the rows of 'item_table'"),
+    (11, None, "arguments 'user_accumulator' and 'item_accumulator' must be given together"),
+    (0, lambda t: t.double(), "argument 'user_table' must be float32, float16 or bfloat16, got Double"),
+    (5, lambda w: w[:3], "argument 'weights' must have size 7 in dimension 0"),
+]
+
+
+@pytest.mark.parametrize("index, bad, message", BAD_STEP)
+def test_bad_dbpr_step_arguments_name_the_argument(sim_extension, index, bad, message):
+    with pytest.raises(RuntimeError, match="guider_fast_cuda::dbpr_step: " + message):
+        OPS.dbpr_step(*_with(_step_args(), index, bad))
+
+
+def test_bad_dbpr_atomic_step_arguments_name_the_argument(sim_extension):
+    args = _step_args()
+    atomic = [*args[:6], 0.1, 0.0, 1.0]
+    with pytest.raises(RuntimeError, match="guider_fast_cuda::dbpr_atomic_sgd_step: argument 'user_table' must be "
+                                           "Float, got BFloat16"):
+        OPS.dbpr_atomic_sgd_step(*_with(_with(atomic, 0, lambda t: t.bfloat16()), 1, lambda t: t.bfloat16()))
+    wide = torch.zeros(7, 300)
+    with pytest.raises(RuntimeError, match="dbpr_atomic_sgd_step: argument 'user_table' has D = 300 features, over"):
+        OPS.dbpr_atomic_sgd_step(wide, torch.zeros(11, 300), *atomic[2:])
+
+
+def test_dbpr_step_opcheck(sim_extension):
+    torch.library.opcheck(OPS.dbpr_step.default, _step_args())
+    torch.library.opcheck(OPS.dbpr_step.default, _step_args(adagrad=False))
+    torch.library.opcheck(OPS.dbpr_atomic_sgd_step.default, [*_step_args()[:6], 0.1, 0.01, 1.0])

@@ -216,7 +216,7 @@ def test_atomic_step_equals_exact_step_within_one_block(gen, backend, device, k,
     """One block of triplets reads every row before adding: then Hogwild is the exact step
     (up to summation order; with L2, the decay of a repeated negative re-reads its row)."""
     user, item, users, pos, neg, weights = triplets(gen, k=k, dim=16, batch=20, device=device)
-    require("dbpr_step", backend, device, user.dtype)
+    require("dbpr_step", backend, device, user.dtype, ("atomic", 16, l2))
     u, i = user.clone(), item.clone()
     loss, margins = gf.dbpr_step(u, i, users, pos, neg, weights, lr=0.2, l2=l2, return_scores=True,
                                  duplicates="atomic", backend=backend)
