@@ -11,25 +11,13 @@ import torch.nn.functional as F
 import guider_fast as gf
 
 from ops.backends import KERNEL_BACKENDS, require
+from ops.problems import reference_guider_weights
 
 UE = torch.randn(3, 8)
 IE = torch.randn(5, 8)
 USERS = torch.tensor([0, 2, 1])
 POS = torch.tensor([1, 3, 0])
 NEG = torch.tensor([2, 2, 4])
-
-
-def reference_guider_weights(t, v, u_code, t_code, v_code, threshold=0.7):
-    """GUIDER's AMSC as the public code does it: geomloss on one-point clouds, then the formula."""
-    d = geomloss.SamplesLoss("sinkhorn", p=1, blur=0.1)(t[:, None, :], v[:, None, :] + 1e-8)
-    normalized = (d - d.min()) / (d.max() - d.min() + 1e-7)
-    clean = normalized < threshold
-    h_u, h_t, h_v = torch.sign(u_code), torch.sign(t_code), torch.sign(v_code)
-    bits = u_code.shape[1]
-    s_t = (h_u * h_t).sum(1) / bits
-    s_v = (h_u * h_v).sum(1) / bits
-    w = torch.clamp(((s_t + 1) / 2 + (s_v + 1) / 2) / 2, 0, 1)
-    return torch.where(clean, w, torch.ones_like(w)), clean, d, normalized
 
 
 def _with(t, index, value):
@@ -52,7 +40,7 @@ def _guider_setup(gen, n_users=13, n_items=17, batch=29):
 
 
 def reference_guider_loss(loss_fn, user, item, text, image, users, pos, neg):
-    """Spec sections 1-2 recomputed independently: geomloss calibration + weighted BPR."""
+    """GUIDER's loss recomputed independently: geomloss calibration + weighted BPR."""
     with torch.no_grad():
         t = loss_fn.text_proj(text[pos])
         v = loss_fn.image_proj(image[pos])

@@ -12,6 +12,7 @@ already rounded), so every backend, the torch reference included, is compared
 with something it does not share code with.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -123,7 +124,7 @@ def triplets(gen, n_users=11, n_items=7, dim=13, batch=37, k=1, dtype=torch.floa
 
 
 def dbpr_formula(user_emb, item_emb, users, pos, neg, weights, reduction="mean", l2=0.0):
-    """Spec section 2 with plain indexing, in float64 on CPU (differentiable w.r.t. its inputs).
+    """The DBPR formula with plain indexing, in float64 on CPU (differentiable w.r.t. its inputs).
 
     ``l2``: plus (l2/2)(|u|^2 + |p|^2 + sum_k |n_k|^2) per triplet (``dbpr_step``'s loss).
     """
@@ -213,7 +214,7 @@ def geomloss_one_point(t, v):
 
 
 def calibration_oracle(t, v, u_code, t_code, v_code, threshold=0.7, distance="geomloss"):
-    """AMSC (spec section 1) in float64 on CPU: (weights, clean, distance, normalized)."""
+    """AMSC (the GUIDER formulas) in float64 on CPU: (weights, clean, distance, normalized)."""
     t, v, u_code, t_code, v_code = (x.detach().cpu().double() for x in (t, v, u_code, t_code, v_code))
     d = geomloss_one_point(t, v) if distance == "geomloss" else (t - v).norm(dim=-1)
     normalized = (d - d.min()) / (d.max() - d.min() + 1e-7)
@@ -221,5 +222,19 @@ def calibration_oracle(t, v, u_code, t_code, v_code, threshold=0.7, distance="ge
     bits = u_code.shape[1]
     s_t = (torch.sign(u_code) * torch.sign(t_code)).sum(1) / bits
     s_v = (torch.sign(u_code) * torch.sign(v_code)).sum(1) / bits
+    w = torch.clamp(((s_t + 1) / 2 + (s_v + 1) / 2) / 2, 0, 1)
+    return torch.where(clean, w, torch.ones_like(w)), clean, d, normalized
+
+
+def reference_guider_weights(t, v, u_code, t_code, v_code, threshold=0.7):
+    """GUIDER's AMSC as the public code does it: geomloss on one-point clouds, then the formula."""
+    geomloss = pytest.importorskip("geomloss")  # not installed on the GPU machine
+    d = geomloss.SamplesLoss("sinkhorn", p=1, blur=0.1)(t[:, None, :], v[:, None, :] + 1e-8)
+    normalized = (d - d.min()) / (d.max() - d.min() + 1e-7)
+    clean = normalized < threshold
+    h_u, h_t, h_v = torch.sign(u_code), torch.sign(t_code), torch.sign(v_code)
+    bits = u_code.shape[1]
+    s_t = (h_u * h_t).sum(1) / bits
+    s_v = (h_u * h_v).sum(1) / bits
     w = torch.clamp(((s_t + 1) / 2 + (s_v + 1) / 2) / 2, 0, 1)
     return torch.where(clean, w, torch.ones_like(w)), clean, d, normalized

@@ -10,26 +10,12 @@ from guider_fast.reference import calibration as ref
 
 from .properties import given, st
 from .backends import dtypes_for, require
-from .problems import calibration_oracle, calibration_rows, ternary_codes
+from .problems import reference_guider_weights, calibration_oracle, calibration_rows, ternary_codes
 from .tolerances import cancellation_tolerance, tolerance
 
 CUDA_ONLY = pytest.mark.cuda_only
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 THRESHOLD = 0.7
-
-
-def reference_guider_weights(t, v, u_code, t_code, v_code, threshold=THRESHOLD):
-    """GUIDER's AMSC as the public code does it: geomloss on one-point clouds, then the formula."""
-    geomloss = pytest.importorskip("geomloss")  # not installed on the GPU machine
-    d = geomloss.SamplesLoss("sinkhorn", p=1, blur=0.1)(t[:, None, :], v[:, None, :] + 1e-8)
-    normalized = (d - d.min()) / (d.max() - d.min() + 1e-7)
-    clean = normalized < threshold
-    h_u, h_t, h_v = torch.sign(u_code), torch.sign(t_code), torch.sign(v_code)
-    bits = u_code.shape[1]
-    s_t = (h_u * h_t).sum(1) / bits
-    s_v = (h_u * h_v).sum(1) / bits
-    w = torch.clamp(((s_t + 1) / 2 + (s_v + 1) / 2) / 2, 0, 1)
-    return torch.where(clean, w, torch.ones_like(w)), clean, d, normalized
 
 
 def assert_matches(got, want, distance_atol, threshold=THRESHOLD, weights_atol=0.0, what=""):
