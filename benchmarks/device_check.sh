@@ -43,6 +43,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export GUIDER_FAST_COMMIT=${GUIDER_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 
+# The CUDA C++ extension guider_fast._C, built in place against the machine's CUDA torch
+# (GUIDER_FAST_BUILD_CUDA=1: a missing prerequisite is an error, in the log). The op tests
+# then run backend="cuda" on CUDA tensors; its CPU emulation is left out here.
+GUIDER_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} timeout -k 5 150 \
+  python3 setup.py -q build_ext --inplace > "$OUT/build_cuda.log" 2>&1 || echo "CUDA extension build failed: see build_cuda.log" >&2
+export GUIDER_FAST_TEST_CUDA_SIM=0
+
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

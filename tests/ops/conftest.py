@@ -48,7 +48,9 @@ def cuda_emulation(request):
     if os.environ.get("GUIDER_FAST_TEST_CUDA_SIM", "1") == "0" or _cuda_build.sim_loaded() is not None:
         yield
         return
-    _cuda_build.load_extension(emulate=True, build_dir=request.config.cache.mkdir("gf_csrc") / "ext")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    _cuda_build.load_extension(emulate=True,
+                               build_dir=cache.mkdir("gf_csrc") / "ext" if cache is not None else None)
     yield
     _cuda_build.deactivate_emulation()
 
