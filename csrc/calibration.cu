@@ -67,6 +67,18 @@ __device__ __forceinline__ float clean_weight(int score_t, int score_v, int64_t 
 // Every thread of the block must call it (it holds a barrier); s_lo, s_hi: the
 // kernel's kRowsWarps-float __shared__ arrays (declared in the kernel itself, so
 // the sim accounts them to it).
+// One row's distance and candidate weight (lane 0 writes), folded into the warp's min/max.
+__device__ __forceinline__ void finish_row(int lane, int64_t row, float d, int score_t, int score_v,
+                                           int64_t bits, float* __restrict__ distance,
+                                           float* __restrict__ candidate, float& lo, float& hi) {
+  if (lane == 0) {
+    distance[row] = d;
+    candidate[row] = clean_weight(score_t, score_v, bits);
+  }
+  lo = fminf(lo, d);
+  hi = fmaxf(hi, d);
+}
+
 __device__ __forceinline__ void store_partials(float lo, float hi, float* s_lo, float* s_hi,
                                                float* __restrict__ partials, int64_t n_blocks) {
   const int warp = threadIdx.x / kWarp;
@@ -137,12 +149,7 @@ __global__ void __launch_bounds__(kRowsThreads)
       score_t += __popc(__ballot_sync(kFull, su * st > 0)) - __popc(__ballot_sync(kFull, su * st < 0));
       score_v += __popc(__ballot_sync(kFull, su * sv > 0)) - __popc(__ballot_sync(kFull, su * sv < 0));
     }
-    if (lane == 0) {
-      distance[row] = d;
-      candidate[row] = clean_weight(score_t, score_v, bits);
-    }
-    lo = fminf(lo, d);
-    hi = fmaxf(hi, d);
+    finish_row(lane, row, d, score_t, score_v, bits, distance, candidate, lo, hi);
   }
   store_partials(lo, hi, s_lo, s_hi, partials, n_blocks);
 }
@@ -185,12 +192,7 @@ __global__ void __launch_bounds__(kRowsThreads)
       score_t += __popcll(both_t) - 2 * __popcll((user_sign ^ text_sign[at]) & both_t);
       score_v += __popcll(both_v) - 2 * __popcll((user_sign ^ image_sign[at]) & both_v);
     }
-    if (lane == 0) {
-      distance[row] = d;
-      candidate[row] = clean_weight(score_t, score_v, bits);
-    }
-    lo = fminf(lo, d);
-    hi = fmaxf(hi, d);
+    finish_row(lane, row, d, score_t, score_v, bits, distance, candidate, lo, hi);
   }
   store_partials(lo, hi, s_lo, s_hi, partials, n_blocks);
 }
