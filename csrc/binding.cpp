@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <limits>
@@ -30,6 +31,7 @@
 
 // After the torch headers: under the sim it defines CUDA's qualifiers as macros.
 #include "guider_fast_cuda.h"
+#include "sinkhorn_cuda.h"
 
 namespace gfc = guider_fast::cuda;
 
@@ -475,6 +477,106 @@ std::tuple<at::Tensor, at::Tensor> dbpr_atomic_sgd_step(const at::Tensor& user_t
   return {rows, margins};
 }
 
+// ------------------------------------------------------------------ Sinkhorn (tiny clouds)
+
+struct CloudSizes {
+  int64_t batch, n, m, d;
+};
+
+// x (B, n, d), y (B, m, d), a (B, n), b (B, m): float32, contiguous, one device, n, m <= 32.
+CloudSizes check_tiny_clouds(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
+                             const at::Tensor& b) {
+  check_device(op, "x", x, "x", x);
+  const std::pair<const char*, const at::Tensor&> others[] = {{"y", y}, {"a", a}, {"b", b}};
+  for (const auto& [name, t] : others) check_device(op, name, t, "x", x);
+  check_rank(op, "x", x, 3, "a batch of point clouds (B, n, d)");
+  check_rank(op, "y", y, 3, "a batch of point clouds (B, m, d)");
+  const CloudSizes s{x.size(0), x.size(1), y.size(1), x.size(2)};
+  check_nonempty(op, "x", s.batch, "problems");
+  check_nonempty(op, "x", s.n, "points");
+  check_nonempty(op, "y", s.m, "points");
+  check_nonempty(op, "x", s.d, "features");
+  check_size(op, "y", y, 0, s.batch, "one cloud per problem of 'x'");
+  check_size(op, "y", y, 2, s.d, "the feature size of 'x'");
+  TORCH_CHECK(s.n <= gfc::kSinkhornTinyMaxPoints && s.m <= gfc::kSinkhornTinyMaxPoints, op,
+              ": clouds of ", s.n, " and ", s.m, " points: the tiny-cloud kernel (one warp per problem) takes at most ",
+              gfc::kSinkhornTinyMaxPoints, " points per cloud");
+  check_int32(op, "x", s.batch, "the number of problems");
+  check_rank(op, "a", a, 2, "one weight per point of 'x' (B, n)");
+  check_rank(op, "b", b, 2, "one weight per point of 'y' (B, m)");
+  check_size(op, "a", a, 0, s.batch, "one row per problem");
+  check_size(op, "a", a, 1, s.n, "one weight per point of 'x'");
+  check_size(op, "b", b, 0, s.batch, "one row per problem");
+  check_size(op, "b", b, 1, s.m, "one weight per point of 'y'");
+  const std::pair<const char*, const at::Tensor&> all[] = {{"x", x}, {"y", y}, {"a", a}, {"b", b}};
+  for (const auto& [name, t] : all) {
+    check_dtype(op, name, t, at::kFloat);
+    check_contiguous(op, name, t);
+  }
+  return s;
+}
+
+void check_sinkhorn_scalars(const char* op, double eps, int64_t p) {
+  TORCH_CHECK(p == 1 || p == 2, op, ": argument 'p' must be 1 or 2, got ", p);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(static_cast<float>(eps)), op,
+              ": argument 'eps' must be positive and finite in float32, got ", eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_tiny(const at::Tensor& x, const at::Tensor& y,
+                                                                         const at::Tensor& a, const at::Tensor& b,
+                                                                         double eps, int64_t p, int64_t n_iters,
+                                                                         std::optional<double> tol) {
+  const char* op = "guider_fast_cuda::sinkhorn_tiny";
+  const CloudSizes s = check_tiny_clouds(op, x, y, a, b);
+  check_sinkhorn_scalars(op, eps, p);
+  TORCH_CHECK(n_iters >= 0 && n_iters <= kInt32Max, op, ": argument 'n_iters' must be in [0, ", kInt32Max,
+              "], got ", n_iters);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor f = at::empty({s.batch, s.n}, f32), g = at::empty({s.batch, s.m}, f32);
+  at::Tensor error = at::empty({s.batch}, f32), iterations = at::empty({s.batch}, x.options().dtype(at::kInt));
+  const gfc::SinkhornTinyOutputs out{f.data_ptr<float>(), g.data_ptr<float>(), error.data_ptr<float>(),
+                                     iterations.data_ptr<int32_t>()};
+  run(op, x, [&](cudaStream_t stream) {
+    return gfc::sinkhorn_tiny(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+                              s.batch, s.n, s.m, s.d, static_cast<int>(p), static_cast<float>(eps), n_iters,
+                              tol.has_value(), tol.has_value() ? static_cast<float>(*tol) : 0.0f, out, stream);
+  });
+  return {f, g, error, iterations};
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_tiny_envelope(const at::Tensor& x, const at::Tensor& y,
+                                                          const at::Tensor& a, const at::Tensor& b,
+                                                          const at::Tensor& f, const at::Tensor& g, double eps,
+                                                          int64_t p, const at::Tensor& scale) {
+  const char* op = "guider_fast_cuda::sinkhorn_tiny_envelope";
+  const CloudSizes s = check_tiny_clouds(op, x, y, a, b);
+  check_sinkhorn_scalars(op, eps, p);
+  const std::tuple<const char*, const at::Tensor&, int64_t, const char*> potentials[] = {
+      {"f", f, s.n, "one potential per point of 'x' (B, n)"}, {"g", g, s.m, "one potential per point of 'y' (B, m)"}};
+  for (const auto& [name, t, points, what] : potentials) {
+    check_device(op, name, t, "x", x);
+    check_dtype(op, name, t, at::kFloat);
+    check_rank(op, name, t, 2, what);
+    check_size(op, name, t, 0, s.batch, "one row per problem");
+    check_size(op, name, t, 1, points, what);
+    check_contiguous(op, name, t);
+  }
+  check_device(op, "scale", scale, "x", x);
+  check_dtype(op, "scale", scale, at::kFloat);
+  check_rank(op, "scale", scale, 1, "the gradient of each problem's value (B,)");
+  check_size(op, "scale", scale, 0, s.batch, "one per problem");
+  check_contiguous(op, "scale", scale);
+  at::Tensor grad_x = at::empty({s.batch, s.n, s.d}, x.options()), grad_y = at::empty({s.batch, s.m, s.d}, x.options());
+  run(op, x, [&](cudaStream_t stream) {
+    return gfc::sinkhorn_tiny_envelope(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(),
+                                       b.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(),
+                                       scale.data_ptr<float>(), s.batch, s.n, s.m, s.d, static_cast<int>(p),
+                                       static_cast<float>(eps), grad_x.data_ptr<float>(), grad_y.data_ptr<float>(),
+                                       stream);
+  });
+  return {grad_x, grad_y};
+}
+
 }  // namespace
 
 #ifdef GUIDER_FAST_CUDA_SIM
@@ -488,6 +590,8 @@ TORCH_LIBRARY_IMPL(guider_fast_cuda, CUDA, m) {
   m.impl("dbpr_backward", TORCH_FN(dbpr_backward));
   m.impl("dbpr_step", TORCH_FN(dbpr_step));
   m.impl("dbpr_atomic_sgd_step", TORCH_FN(dbpr_atomic_sgd_step));
+  m.impl("sinkhorn_tiny", TORCH_FN(sinkhorn_tiny));
+  m.impl("sinkhorn_tiny_envelope", TORCH_FN(sinkhorn_tiny_envelope));
 }
 
 #ifndef GUIDER_FAST_CUDA_SIM

@@ -73,6 +73,23 @@ def _dbpr_atomic_sgd_step_fake(user_table, item_table, users, pos_items, neg_ite
                                                lr, l2, scale)
 
 
+_LIB.define("sinkhorn_tiny(Tensor x, Tensor y, Tensor a, Tensor b, float eps, int p, int n_iters, "
+            "float? tol) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("sinkhorn_tiny_envelope(Tensor x, Tensor y, Tensor a, Tensor b, Tensor f, Tensor g, float eps, "
+            "int p, Tensor scale) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sinkhorn_tiny", lib=_LIB)
+def _sinkhorn_tiny_fake(x, y, a, b, eps, p, n_iters, tol):
+    return _library._sinkhorn_onchip_fake(x, y, a, b, eps, p, n_iters, tol)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sinkhorn_tiny_envelope", lib=_LIB)
+def _sinkhorn_tiny_envelope_fake(x, y, a, b, f, g, eps, p, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        y, memory_format=torch.contiguous_format)
+
+
 def ops():
     """``torch.ops.guider_fast_cuda`` (implementations present once a build is loaded)."""
     return getattr(torch.ops, NAMESPACE)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _library
+from . import _dispatch, _library, _library_cuda
 from . import _validate as V
 from .kernels import ENVELOPE_MAX_FEATURES, SINKHORN_ONCHIP_MAX_POINTS
 from .reference import samples_loss as ref_samples
@@ -205,6 +205,43 @@ def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
     return value, state
 
 
+def _cuda_envelope_gradients(x, y, a, b, f, g, eps, p, scale):
+    """EnvelopeValue's point gradients from the CUDA tiny-cloud kernel (float32 in and out)."""
+    dense = [t.detach().float().contiguous() for t in (x, y, a, b, f, g, scale)]
+    return _library_cuda.ops().sinkhorn_tiny_envelope(*dense[:6], eps, p, dense[6])
+
+
+def _sinkhorn_cuda(x, y, a, b, eps, p, n_iters, tol, grad):
+    """CUDA C++ backend: the tiny-cloud kernel (n, m <= 32: one warp per problem, every
+    iteration in one launch, each problem stopping on its own) and its envelope backward."""
+    dense = [t.detach().float().contiguous() for t in (x, y, a, b)]
+    with torch.no_grad():
+        f, g, error, iterations = _library_cuda.ops().sinkhorn_tiny(*dense, eps, p, n_iters, tol)
+        f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
+    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
+    if grad == "envelope":
+        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, _cuda_envelope_gradients)
+    else:
+        value = (a * f).sum(-1) + (b * g).sum(-1)
+    return value, state
+
+
+# The CUDA kernel keeps one row and one column of a problem's cost in each lane of a warp.
+SINKHORN_CUDA_MAX_POINTS = 32
+
+
+def _cuda_tiny_limits(problem):
+    n, m, _ = problem
+    if max(n, m) > SINKHORN_CUDA_MAX_POINTS:
+        return (f"clouds of {max(n, m)} points exceed the CUDA tiny-cloud kernel's "
+                f"{SINKHORN_CUDA_MAX_POINTS} (one warp per problem); use backend='triton' or 'torch'")
+    return None
+
+
+_dispatch.register("sinkhorn", "cuda", _sinkhorn_cuda,
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32), limits=_cuda_tiny_limits)
+
+
 def _onchip_limits(problem):
     n, m, _ = problem
     if max(n, m) > SINKHORN_ONCHIP_MAX_POINTS:
@@ -243,7 +280,10 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
         On CUDA tensors ``auto`` takes Triton (float16/bfloat16/float32) and solves
         by the size rule of ``sinkhorn_regime``: on chip for n, m <= 256; a cost
         matrix built once when d > 512 and B*n*m fits in 1 GiB; otherwise cost
-        tiles streamed from the points (memory O((n + m) d)).
+        tiles streamed from the points (memory O((n + m) d)).  ``backend="cuda"``
+        runs the CUDA C++ tiny-cloud kernel (n, m <= 32, one warp per problem, costs
+        from direct differences); ``auto`` keeps Triton ahead of it until a GPU has
+        measured it faster (``guider-fast bench``).
 
     Returns a ``SinkhornResult``; half-precision inputs are solved in float32 and
     the result is returned in the input dtype.

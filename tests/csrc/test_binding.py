@@ -416,3 +416,99 @@ def test_dbpr_step_opcheck(sim_extension):
     torch.library.opcheck(OPS.dbpr_step.default, _step_args())
     torch.library.opcheck(OPS.dbpr_step.default, _step_args(adagrad=False))
     torch.library.opcheck(OPS.dbpr_atomic_sgd_step.default, [*_step_args()[:6], 0.1, 0.01, 1.0])
+
+
+# ------------------------------------------------------------------ Sinkhorn (tiny clouds)
+
+
+@pytest.fixture(scope="module")
+def sinkhorn_lib(sinkhorn_library):
+    import ctypes
+
+    from .test_sim_sinkhorn import SIGNATURES
+
+    lib = ctypes.CDLL(str(sinkhorn_library))
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    yield lib
+    lib.gf_sim_set_order(0, 0)
+
+
+def _sinkhorn_args(batch=3, n=7, m=13, d=5, seed=3):
+    from .test_sim_sinkhorn import problems
+
+    return [*problems(batch, n, m, d, seed), 0.3, 2, 40, None]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("tol", [None, 1e-4])
+def test_sinkhorn_through_dispatch_is_bitwise_the_kernel(sim_extension, sinkhorn_lib, p, tol):
+    """backend="cuda" runs exactly sinkhorn_tiny and its envelope (the bits of the C API)."""
+    from .test_sim_sinkhorn import sim_envelope, sim_solve
+
+    x, y, a, b = _sinkhorn_args(4, 13, 32, 6)[:4]
+    res = gf.sinkhorn(x.requires_grad_(), y.requires_grad_(), a, b, eps=0.2, p=p, n_iters=200, tol=tol,
+                      backend="cuda")
+    f, g, err, iters = sim_solve(sinkhorn_lib, x.detach(), y.detach(), a, b, 0.2, p, 200, tol)
+    assert torch.equal(res.f, f) and torch.equal(res.g, g) and torch.equal(res.marginal_error, err)
+    assert res.n_iters == int(iters.max())
+    scale = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    grad_x, grad_y = torch.autograd.grad((res.value * scale).sum(), (x, y))
+    want_x, want_y = sim_envelope(sinkhorn_lib, x.detach(), y.detach(), a, b, f, g, 0.2, p, scale)
+    assert torch.equal(grad_x, want_x) and torch.equal(grad_y, want_y)
+
+
+def test_sinkhorn_dispatch_limits(sim_extension):
+    x, y = torch.randn(2, 33, 3), torch.randn(2, 5, 3)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run sinkhorn: clouds of 33 points exceed "
+                                           "the CUDA tiny-cloud kernel's 32"):
+        gf.sinkhorn(x, y, eps=0.3, backend="cuda")
+    with pytest.raises(RuntimeError, match="takes float16, bfloat16, float32 inputs, got float64"):
+        gf.sinkhorn(y.double(), y.double(), eps=0.3, backend="cuda")
+    with pytest.raises(RuntimeError, match="runs on the torch backend only"):
+        gf.sinkhorn(y, y, eps=0.3, grad="autodiff", backend="cuda")
+    assert _dispatch.resolve("sinkhorn", "auto", torch.device("cpu"), torch.float32, (5, 5, 3))[0] == "torch"
+
+
+BAD_SINKHORN = [
+    (0, lambda x: x.double(), "argument 'x' must be Float, got Double"),
+    (1, lambda y: y[0], r"argument 'y' must be a batch of point clouds \(B, m, d\) \(3-D\)"),
+    (1, lambda y: y[:, :, :2], "argument 'y' must have size 5 in dimension 2 \\(the feature size of 'x'\\)"),
+    (1, lambda y: y[:2], "argument 'y' must have size 3 in dimension 0"),
+    (0, lambda x: torch.cat([x] * 5, 1), "clouds of 35 and 13 points: the tiny-cloud kernel .* at most 32"),
+    (0, lambda x: x[:, :0], "argument 'x' has 0 points, needs at least 1"),
+    (2, lambda a: a[:, 1:], "argument 'a' must have size 7 in dimension 1"),
+    (3, lambda b: b.t().contiguous().t(), "argument 'b' must be contiguous"),
+    (3, lambda b: b.half(), "argument 'b' must be Float, got Half"),
+    (4, lambda eps: 0.0, "argument 'eps' must be positive and finite in float32, got 0"),
+    (4, lambda eps: 1e300, "argument 'eps' must be positive and finite in float32"),
+    (5, lambda p: 3, "argument 'p' must be 1 or 2, got 3"),
+    (6, lambda n: -1, r"argument 'n_iters' must be in \[0, 2147483647\], got -1"),
+]
+
+
+@pytest.mark.parametrize("index, bad, message", BAD_SINKHORN)
+def test_bad_sinkhorn_arguments_name_the_argument(sim_extension, index, bad, message):
+    with pytest.raises(RuntimeError, match="guider_fast_cuda::sinkhorn_tiny: " + message):
+        OPS.sinkhorn_tiny(*_with(_sinkhorn_args(), index, bad))
+
+
+def test_bad_sinkhorn_envelope_arguments_name_the_argument(sim_extension):
+    x, y, a, b = _sinkhorn_args()[:4]
+    f, g, scale = torch.randn(3, 7), torch.randn(3, 13), torch.ones(3)
+    op = "guider_fast_cuda::sinkhorn_tiny_envelope: "
+    with pytest.raises(RuntimeError, match=op + "argument 'g' must have size 13 in dimension 1"):
+        OPS.sinkhorn_tiny_envelope(x, y, a, b, f, g[:, 1:], 0.3, 2, scale)
+    with pytest.raises(RuntimeError, match=op + "argument 'f' must be Float, got Double"):
+        OPS.sinkhorn_tiny_envelope(x, y, a, b, f.double(), g, 0.3, 2, scale)
+    with pytest.raises(RuntimeError, match=op + "argument 'scale' must have size 3 in dimension 0"):
+        OPS.sinkhorn_tiny_envelope(x, y, a, b, f, g, 0.3, 2, scale[:2])
+
+
+def test_sinkhorn_opcheck(sim_extension):
+    args = _sinkhorn_args()
+    torch.library.opcheck(OPS.sinkhorn_tiny.default, args)
+    torch.library.opcheck(OPS.sinkhorn_tiny.default, _with(_with(args, 5, lambda p: 1), 7, lambda t: 1e-5))
+    x, y, a, b = args[:4]
+    f, g, _, _ = OPS.sinkhorn_tiny(*args)
+    torch.library.opcheck(OPS.sinkhorn_tiny_envelope.default, (x, y, a, b, f, g, 0.3, 2, torch.rand(3) + 0.5))

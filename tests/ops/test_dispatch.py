@@ -105,7 +105,7 @@ def test_what_the_triton_backend_refuses(gen):
         gf.calibrate(t.double(), v.double(), *(c.double() for c in codes), backend="triton")
 
 
-def test_environment_override(monkeypatch):
+def test_environment_override(monkeypatch, no_test_vehicles):
     monkeypatch.setenv("GUIDER_FAST_BACKEND", "torch")
     assert _dispatch.resolve("sinkhorn", "auto", torch.device("cpu"))[0] == "torch"
     monkeypatch.setenv("GUIDER_FAST_BACKEND", "cuda")
