@@ -348,8 +348,11 @@ __global__ void __launch_bounds__(atomic_warps<V>() * kWarp)
     for (int ch = 0; ch < kChunks; ++ch) {
       const int64_t d0 = static_cast<int64_t>(ch) * kWarp * V + lane * V;
       if (d0 >= dim) continue;
-      float n[V];
-      load_pack<float, V>(n_row, i_sc, d0, dim, n);  // the decay re-reads the row, as Triton's kernel
+      // The decay re-reads the row, as Triton's kernel does: a plain load that races with
+      // other warps' atomic adds to a duplicate row (Hogwild, reported by ThreadSanitizer),
+      // so it is skipped when there is no decay (l2 = 0, the only case the dispatcher sends).
+      float n[V] = {};
+      if (l2_scale != 0.0f) load_pack<float, V>(n_row, i_sc, d0, dim, n);
       for (int j = 0; j < V; ++j)
         atomicAdd(n_row + (d0 + j) * i_sc, __fmul_rn(-lr, __fmaf_rn(g, u[ch][j], __fmul_rn(l2_scale, n[j]))));
     }

@@ -163,7 +163,8 @@ cudaError_t dbpr_step(MatrixView user_table, MatrixView item_table, const int64_
 // kernels/dbpr.py's atomic_sgd_step (duplicates="atomic", Hogwild SGD) on float32
 // tables: one warp per triplet, the rows and coefficients in registers; every row
 // of a block is read before the block adds -lr grad to any with relaxed atomics
-// (the decay l2 scale n of a negative re-reads its row, as the Triton kernel does).
+// (the decay l2 scale n of a negative re-reads its row, as the Triton kernel does: with l2 != 0
+// that plain read races with other warps' atomic adds to a duplicate row; l2 = 0 reads nothing).
 // Blocks of up to 32 triplets (16 for strided tables); later blocks may see earlier blocks' updates.
 // dim <= kDbprAtomicMaxDim (the registers' bound); rows and margins as dbpr_step's.
 constexpr int64_t kDbprAtomicMaxDim = 256;

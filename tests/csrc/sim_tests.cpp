@@ -909,6 +909,101 @@ TEST(sinkhorn_tiny_small) {
   cuda_sim::set_thread_order(cuda_sim::Order::Forward, 0);
 }
 
+// ------------------------------------------------------------------ DBPR fused steps (csrc/dbpr_step.cu)
+// Numerics against the torch step are test_sim_dbpr_step.py's; this test runs the
+// three launches of the sorted step (SGD, row-wise Adagrad, a bf16 table) and the
+// atomic step in the sanitizer builds, on a duplicate-heavy batch (5 users, 7 items,
+// 16 triplets x 2 negatives): sorted results bitwise across thread orders; the atomic
+// step (one block here, so every row is read before any update) equal to sorted SGD
+// up to the order of its float additions.
+struct StepTables {
+  Matrix users, items;
+  std::vector<float> user_acc, item_acc;
+};
+
+// Stable sort of `rows`: (keys, order) as guider_fast.reference.dbpr_step._sort_rows builds them.
+void sorted_runs(const std::vector<int64_t>& rows, std::vector<int64_t>* keys, std::vector<int64_t>* order) {
+  order->resize(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) (*order)[i] = static_cast<int64_t>(i);
+  std::stable_sort(order->begin(), order->end(), [&](int64_t l, int64_t r) { return rows[l] < rows[r]; });
+  keys->resize(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) (*keys)[i] = rows[(*order)[i]];
+}
+
+std::vector<float> table_bits(const Matrix& m) {
+  if (m.dtype == gfc::DType::Float32) return m.single;
+  return std::vector<float>(m.half.begin(), m.half.end());
+}
+
+TEST(dbpr_step_small) {
+  const int64_t batch = 16, k_neg = 2, dim = 33, n_users = 5, n_items = 7;  // 16: one atomic block at D = 33
+  std::mt19937 rng(2024);
+  std::uniform_int_distribution<int64_t> pick_u(0, n_users - 1), pick_i(0, n_items - 1);
+  std::vector<int64_t> users(batch), pos(batch), neg(batch * k_neg);
+  for (auto& x : users) x = pick_u(rng);
+  for (auto& x : pos) x = pick_i(rng);
+  for (auto& x : neg) x = pick_i(rng);
+  std::vector<int64_t> occurrences(pos);
+  occurrences.insert(occurrences.end(), neg.begin(), neg.end());
+  std::vector<int64_t> user_keys, user_order, item_keys, item_order;
+  sorted_runs(users, &user_keys, &user_order);
+  sorted_runs(occurrences, &item_keys, &item_order);
+  const gfc::DbprSortedRuns runs{user_keys.data(), user_order.data(), item_keys.data(), item_order.data()};
+  std::vector<float> workspace(gfc::dbpr_step_workspace_floats(batch, k_neg, dim));
+
+  auto fresh = [&](gfc::DType dtype) {
+    std::mt19937 table_rng(99);
+    StepTables t{random_matrix(table_rng, dtype, n_users, dim, 0.0, false, 0.3f),
+                 random_matrix(table_rng, dtype, n_items, dim, 0.0, false, 0.3f),
+                 std::vector<float>(n_users, 0.5f), std::vector<float>(n_items, 0.25f)};
+    return t;
+  };
+  auto view = [](Matrix& m) { return m.view(); };
+  struct Variant {
+    gfc::DType dtype;
+    bool adagrad;
+    float l2;
+  };
+  std::vector<float> sgd_users, sgd_items;
+  for (const Variant& v : {Variant{F32, false, 0.0f}, Variant{F32, true, 0.01f}, Variant{BF16, false, 0.01f}}) {
+    std::vector<float> first;
+    for (cuda_sim::Order order : kOrders) {
+      cuda_sim::set_thread_order(order, 5);
+      StepTables t = fresh(v.dtype);
+      std::vector<float> rows(batch), margins(batch * k_neg);
+      const gfc::DbprStepOutputs out{rows.data(), margins.data(), workspace.data()};
+      const cudaError_t status = gfc::dbpr_step(
+          view(t.users), view(t.items), users.data(), pos.data(), neg.data(), k_neg, 1, nullptr, F32, 1, runs,
+          v.adagrad ? t.user_acc.data() : nullptr, v.adagrad ? t.item_acc.data() : nullptr, batch, k_neg, dim, 0.1f,
+          v.l2, 1.0f, out, nullptr);
+      CHECK_MSG(status == cudaSuccess, cuda_sim::last_error_message());
+      std::vector<float> all = rows;
+      for (const auto& part : {margins, table_bits(t.users), table_bits(t.items), t.user_acc, t.item_acc}) {
+        all.insert(all.end(), part.begin(), part.end());
+      }
+      for (float x : all) CHECK(std::isfinite(x));
+      if (first.empty()) first = all;
+      CHECK_MSG(same_bits(first, all), "dbpr_step dtype " << int(v.dtype) << " adagrad " << v.adagrad << " "
+                                                         << order_name(order));
+      if (v.dtype == F32 && !v.adagrad && order == kOrders[0]) sgd_users = t.users.single, sgd_items = t.items.single;
+    }
+  }
+  cuda_sim::set_thread_order(cuda_sim::Order::Forward, 0);
+  StepTables t = fresh(F32);
+  std::vector<float> rows(batch), margins(batch * k_neg);
+  CHECK(gfc::dbpr_atomic_sgd_step(view(t.users), view(t.items), users.data(), pos.data(), neg.data(), k_neg, 1,
+                                  nullptr, F32, 1, batch, k_neg, dim, 0.1f, 0.0f, 1.0f, rows.data(), margins.data(),
+                                  nullptr) == cudaSuccess);
+  for (const auto& [got, want] : {std::pair<const std::vector<float>&, const std::vector<float>&>{t.users.single,
+                                                                                                   sgd_users},
+                                  {t.items.single, sgd_items}}) {
+    for (size_t i = 0; i < got.size(); ++i) {
+      CHECK_MSG(std::fabs(got[i] - want[i]) <= 1e-5f * (1.0f + std::fabs(want[i])),
+                "atomic vs sorted SGD at " << i << ": " << got[i] << " vs " << want[i]);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> names;
   const std::string mode = argc > 1 ? argv[1] : "all";
