@@ -15,12 +15,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <exception>
 #include <limits>
 #include <optional>
 #include <string>
+#include <vector>
 
 #ifdef GUIDER_FAST_CUDA_SIM
 #include <mutex>
@@ -31,6 +33,7 @@
 
 // After the torch headers: under the sim it defines CUDA's qualifiers as macros.
 #include "guider_fast_cuda.h"
+#include "samples_loss_cuda.h"
 #include "sinkhorn_cuda.h"
 
 namespace gfc = guider_fast::cuda;
@@ -483,9 +486,9 @@ struct CloudSizes {
   int64_t batch, n, m, d;
 };
 
-// x (B, n, d), y (B, m, d), a (B, n), b (B, m): float32, contiguous, one device, n, m <= 32.
-CloudSizes check_tiny_clouds(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
-                             const at::Tensor& b) {
+// x (B, n, d), y (B, m, d), a (B, n), b (B, m): float32, contiguous, one device, n, m <= max_points.
+CloudSizes check_clouds(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
+                        const at::Tensor& b, int64_t max_points, const char* kernel) {
   check_device(op, "x", x, "x", x);
   const std::pair<const char*, const at::Tensor&> others[] = {{"y", y}, {"a", a}, {"b", b}};
   for (const auto& [name, t] : others) check_device(op, name, t, "x", x);
@@ -498,9 +501,8 @@ CloudSizes check_tiny_clouds(const char* op, const at::Tensor& x, const at::Tens
   check_nonempty(op, "x", s.d, "features");
   check_size(op, "y", y, 0, s.batch, "one cloud per problem of 'x'");
   check_size(op, "y", y, 2, s.d, "the feature size of 'x'");
-  TORCH_CHECK(s.n <= gfc::kSinkhornTinyMaxPoints && s.m <= gfc::kSinkhornTinyMaxPoints, op,
-              ": clouds of ", s.n, " and ", s.m, " points: the tiny-cloud kernel (one warp per problem) takes at most ",
-              gfc::kSinkhornTinyMaxPoints, " points per cloud");
+  TORCH_CHECK(s.n <= max_points && s.m <= max_points, op, ": clouds of ", s.n, " and ", s.m, " points: the ", kernel,
+              " takes at most ", max_points, " points per cloud");
   check_int32(op, "x", s.batch, "the number of problems");
   check_rank(op, "a", a, 2, "one weight per point of 'x' (B, n)");
   check_rank(op, "b", b, 2, "one weight per point of 'y' (B, m)");
@@ -516,6 +518,8 @@ CloudSizes check_tiny_clouds(const char* op, const at::Tensor& x, const at::Tens
   return s;
 }
 
+constexpr const char* kTinyKernel = "tiny-cloud kernel (one warp per problem)";
+
 void check_sinkhorn_scalars(const char* op, double eps, int64_t p) {
   TORCH_CHECK(p == 1 || p == 2, op, ": argument 'p' must be 1 or 2, got ", p);
   TORCH_CHECK(eps > 0.0 && std::isfinite(static_cast<float>(eps)), op,
@@ -527,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_tiny(const a
                                                                          double eps, int64_t p, int64_t n_iters,
                                                                          std::optional<double> tol) {
   const char* op = "guider_fast_cuda::sinkhorn_tiny";
-  const CloudSizes s = check_tiny_clouds(op, x, y, a, b);
+  const CloudSizes s = check_clouds(op, x, y, a, b, gfc::kSinkhornTinyMaxPoints, kTinyKernel);
   check_sinkhorn_scalars(op, eps, p);
   TORCH_CHECK(n_iters >= 0 && n_iters <= kInt32Max, op, ": argument 'n_iters' must be in [0, ", kInt32Max,
               "], got ", n_iters);
@@ -549,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_tiny_envelope(const at::Tensor& x, c
                                                           const at::Tensor& f, const at::Tensor& g, double eps,
                                                           int64_t p, const at::Tensor& scale) {
   const char* op = "guider_fast_cuda::sinkhorn_tiny_envelope";
-  const CloudSizes s = check_tiny_clouds(op, x, y, a, b);
+  const CloudSizes s = check_clouds(op, x, y, a, b, gfc::kSinkhornTinyMaxPoints, kTinyKernel);
   check_sinkhorn_scalars(op, eps, p);
   const std::tuple<const char*, const at::Tensor&, int64_t, const char*> potentials[] = {
       {"f", f, s.n, "one potential per point of 'x' (B, n)"}, {"g", g, s.m, "one potential per point of 'y' (B, m)"}};
@@ -577,6 +581,53 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_tiny_envelope(const at::Tensor& x, c
   return {grad_x, grad_y};
 }
 
+// ------------------------------------------------------------------ SamplesLoss (on chip)
+
+#ifndef GUIDER_FAST_CUDA_SIM
+// The device's opt-in shared memory per block (sm_90: 227 KiB), capped at the plan's budget.
+int64_t shared_budget(const at::Tensor& like) {
+  int value = 0;
+  const cudaError_t status =
+      cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, like.device().index());
+  TORCH_CHECK(status == cudaSuccess, "guider_fast_cuda::samples_loss_onchip: cannot read the device's shared "
+              "memory limit: ", cudaGetErrorString(status));
+  return std::min<int64_t>(value, gfc::kSamplesLossSharedBudget);
+}
+#endif
+
+at::Tensor samples_loss_onchip(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                               at::ArrayRef<double> eps_list, int64_t p, bool debias) {
+  const char* op = "guider_fast_cuda::samples_loss_onchip";
+  const CloudSizes s = check_clouds(op, x, y, a, b, gfc::kSamplesLossMaxPoints, "on-chip kernel (one block per problem)");
+  TORCH_CHECK(p == 1 || p == 2, op, ": argument 'p' must be 1 or 2, got ", p);
+  const int64_t n_eps = static_cast<int64_t>(eps_list.size());
+  TORCH_CHECK(n_eps >= 1, op, ": argument 'eps_list' is empty, needs at least one epsilon");
+  check_int32(op, "eps_list", n_eps + 2, "the schedule's length + 2");
+  std::vector<float> eps32(eps_list.begin(), eps_list.end());
+  for (size_t i = 0; i < eps32.size(); ++i) {
+    TORCH_CHECK(eps32[i] > 0.0f && std::isfinite(eps32[i]), op, ": argument 'eps_list' must hold positive values "
+                "finite in float32, got ", eps_list[i], " at position ", i);
+  }
+  // One small host-to-device copy of the schedule (the Triton twin uploads it the same way).
+  const at::Tensor eps = at::tensor(eps32, at::TensorOptions().dtype(at::kFloat)).to(x.device());
+  at::Tensor out = at::empty({s.batch, gfc::samples_loss_packed_floats(s.n, s.m, debias)}, x.options());
+#ifdef GUIDER_FAST_CUDA_SIM
+  run(op, x, [&](cudaStream_t stream) {
+    return gfc::samples_loss_onchip(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(),
+                                    b.data_ptr<float>(), eps.data_ptr<float>(), n_eps, s.batch, s.n, s.m, s.d,
+                                    static_cast<int>(p), debias, out.data_ptr<float>(), stream);
+  });
+#else
+  const gfc::SamplesLossPlan plan = gfc::samples_loss_plan(s.n, s.m, s.d, debias, shared_budget(x));
+  run(op, x, [&](cudaStream_t stream) {
+    return gfc::samples_loss_onchip_planned(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(),
+                                            b.data_ptr<float>(), eps.data_ptr<float>(), n_eps, s.batch, s.n, s.m,
+                                            s.d, static_cast<int>(p), debias, plan, out.data_ptr<float>(), stream);
+  });
+#endif
+  return out;
+}
+
 }  // namespace
 
 #ifdef GUIDER_FAST_CUDA_SIM
@@ -592,6 +643,7 @@ TORCH_LIBRARY_IMPL(guider_fast_cuda, CUDA, m) {
   m.impl("dbpr_atomic_sgd_step", TORCH_FN(dbpr_atomic_sgd_step));
   m.impl("sinkhorn_tiny", TORCH_FN(sinkhorn_tiny));
   m.impl("sinkhorn_tiny_envelope", TORCH_FN(sinkhorn_tiny_envelope));
+  m.impl("samples_loss_onchip", TORCH_FN(samples_loss_onchip));
 }
 
 #ifndef GUIDER_FAST_CUDA_SIM

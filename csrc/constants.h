@@ -15,6 +15,8 @@ constexpr double CALIBRATION_IMAGE_OFFSET = 1e-8;
 constexpr double CALIBRATION_MINMAX_EPS = 1e-7;
 // GeomLoss's p=1 cost is sqrt(max(|x|^2 - 2x.y + |y|^2, floor)).
 constexpr double GEOMLOSS_SQRT_FLOOR = 1e-8;
+// GeomLoss writes log(0) (a zero weight) as this finite value.
+constexpr double GEOMLOSS_LOG_ZERO = -100000.0;
 
 // Sinkhorn (csrc/sinkhorn.cu): the tol test reads the row-marginal error every
 // SINKHORN_CHECK_EVERY iterations; the envelope backward clamps log P_ij at

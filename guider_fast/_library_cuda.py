@@ -90,6 +90,15 @@ def _sinkhorn_tiny_envelope_fake(x, y, a, b, f, g, eps, p, scale):
         y, memory_format=torch.contiguous_format)
 
 
+_LIB.define("samples_loss_onchip(Tensor x, Tensor y, Tensor a, Tensor b, float[] eps_list, int p, bool debias) "
+            "-> Tensor")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::samples_loss_onchip", lib=_LIB)
+def _samples_loss_onchip_fake(x, y, a, b, eps_list, p, debias):
+    return _library._samples_loss_onchip_fake(x, y, a, b, eps_list, p, debias)
+
+
 def ops():
     """``torch.ops.guider_fast_cuda`` (implementations present once a build is loaded)."""
     return getattr(torch.ops, NAMESPACE)

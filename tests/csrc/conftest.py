@@ -353,3 +353,30 @@ def _jobs(config) -> dict:  # noqa: F811 (extends the graph above)
 @pytest.fixture(scope="session")
 def sinkhorn_library(request) -> Path:
     return _wait(request, "sinkhorn_capi")[0]
+
+
+# ------------------------------------------------------------------ samples loss (csrc/samples_loss.cu)
+# The ctypes library of test_sim_samples_loss.py, built as the sinkhorn block's: the plain
+# sim objects of the capi library linked with samples_loss_capi.cpp (which includes sim_capi.cpp).
+SAMPLES_LOSS_CAPI = TESTS / "samples_loss_capi.cpp"
+FIXTURE_BUILDS["samples_loss_library"] = ["samples_loss_capi"]
+_jobs_without_samples_loss = _jobs
+
+
+def _jobs(config) -> dict:  # noqa: F811 (extends the graph above)
+    jobs = _jobs_without_samples_loss(config)
+    if "samples_loss_capi" not in jobs:
+        capi = jobs["capi"]
+        objs = [dep for dep in capi.deps if dep.name != f"sim/{SIM_CAPI.name}"]
+        wrapper = Job(f"sim/{SAMPLES_LOSS_CAPI.name}", SAMPLES_LOSS_CAPI.stem + ".o",
+                      [GXX, *COMMON, "-O2", "-fPIC", "-c", str(SAMPLES_LOSS_CAPI), "-o", "@OUT@"], GXX,
+                      sources=[SAMPLES_LOSS_CAPI, SIM_CAPI])
+        jobs["samples_loss_capi"] = Job("samples_loss_capi", "libgf_sim_samples_loss.so",
+                                        [GXX, "-shared", *objs, wrapper, "-o", "@OUT@"], GXX,
+                                        deps=objs + [wrapper])
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def samples_loss_library(request) -> Path:
+    return _wait(request, "samples_loss_capi")[0]

@@ -512,3 +512,83 @@ def test_sinkhorn_opcheck(sim_extension):
     x, y, a, b = args[:4]
     f, g, _, _ = OPS.sinkhorn_tiny(*args)
     torch.library.opcheck(OPS.sinkhorn_tiny_envelope.default, (x, y, a, b, f, g, 0.3, 2, torch.rand(3) + 0.5))
+
+
+# ------------------------------------------------------------------ SamplesLoss (on chip)
+
+
+@pytest.fixture(scope="module")
+def samples_lib(samples_loss_library):
+    import ctypes
+
+    from .test_sim_samples_loss import SIGNATURES
+
+    lib = ctypes.CDLL(str(samples_loss_library))
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    yield lib
+    lib.gf_sim_set_order(0, 0)
+
+
+def _samples_args(batch=2, n=9, m=40, d=5, debias=True):
+    from .test_sim_samples_loss import problems
+
+    return [*problems(batch, n, m, d, 11), [2.0, 0.5, 0.125, 0.05], 2, debias]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias", [False, True])
+def test_samples_loss_through_dispatch_is_bitwise_the_kernel(sim_extension, samples_lib, p, debias):
+    """The op returns the C API's packed potentials bit for bit, and SamplesLoss(backend="cuda")
+    takes its value from them (the reference's extrapolation) with gradients."""
+    from guider_fast.reference import samples_loss as ref_samples
+
+    from .test_sim_samples_loss import sim_run
+
+    x, y, a, b, eps_list, _, _ = _samples_args(3, 37, 70, 6, debias)
+    packed = OPS.samples_loss_onchip(x, y, a, b, eps_list, p, debias)
+    assert torch.equal(packed, sim_run(samples_lib, x, y, a, b, eps_list, p, debias))
+    loss = gf.SamplesLoss(p=p, blur=0.1, debias=debias, backend="cuda")
+    xg = x.clone().requires_grad_()
+    value = loss(a, xg, b, y)
+    eps_list = ref_samples.schedule(x, y, p, 0.1, 0.5, None)
+    n, m = x.shape[1], y.shape[1]
+    parts = torch.split(OPS.samples_loss_onchip(x, y, a, b, eps_list, p, debias), [n, m, n, m] * (2 if debias else 1), 1)
+    potentials = (parts[0], parts[1], parts[4], parts[5]) if debias else (parts[0], parts[1], None, None)
+    assert torch.equal(value, ref_samples.extrapolated_divergence(a, x, b, y, p, eps_list[-1], potentials))
+    (grad,) = torch.autograd.grad(value.sum(), xg)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+def test_samples_loss_dispatch_limits(sim_extension):
+    x = torch.randn(2, 257, 3)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run samples_loss: clouds of 257 points exceed "
+                                           "the on-chip CUDA kernel's 256"):
+        gf.SamplesLoss(backend="cuda")(x, x[:, :5])
+    with pytest.raises(RuntimeError, match="takes float16, bfloat16, float32 inputs, got float64"):
+        gf.SamplesLoss(backend="cuda")(x.double()[:, :5], x.double()[:, :5])
+
+
+BAD_SAMPLES = [
+    (0, lambda x: x.double(), "argument 'x' must be Float, got Double"),
+    (1, lambda y: y[:, :, 1:], r"argument 'y' must have size 5 in dimension 2 \(the feature size of 'x'\)"),
+    (0, lambda x: torch.cat([x] * 29, 1), "clouds of 261 and 40 points: the on-chip kernel .* at most 256"),
+    (2, lambda a: a[:1], "argument 'a' must have size 2 in dimension 0"),
+    (3, lambda b: b.t().contiguous().t(), "argument 'b' must be contiguous"),
+    (4, lambda eps: [], "argument 'eps_list' is empty"),
+    (4, lambda eps: [1.0, 0.0], "argument 'eps_list' must hold positive values finite in float32, got 0 at "
+                                "position 1"),
+    (4, lambda eps: [1e300], "argument 'eps_list' must hold positive values finite in float32"),
+    (5, lambda p: 0, "argument 'p' must be 1 or 2, got 0"),
+]
+
+
+@pytest.mark.parametrize("index, bad, message", BAD_SAMPLES)
+def test_bad_samples_loss_arguments_name_the_argument(sim_extension, index, bad, message):
+    with pytest.raises(RuntimeError, match="guider_fast_cuda::samples_loss_onchip: " + message):
+        OPS.samples_loss_onchip(*_with(_samples_args(), index, bad))
+
+
+def test_samples_loss_opcheck(sim_extension):
+    torch.library.opcheck(OPS.samples_loss_onchip.default, _samples_args())
+    torch.library.opcheck(OPS.samples_loss_onchip.default, _with(_samples_args(debias=False), 5, 1))
