@@ -93,7 +93,9 @@ __device__ __forceinline__ void lane_axpy(float g, const T* row, int64_t sc, int
     if (d0 >= dim) continue;
     float x[V];
     load_pack<T, V>(row, sc, d0, dim, x);
-    for (int j = 0; j < V; ++j) acc[d0 + j] = __fmaf_rn(g, x[j], acc[d0 + j]);
+    // Product rounded, then added (no fma): a row whose terms cancel (a negative equal to
+    // its positive) sums to exactly 0, as torch's index_add_ of products does.
+    for (int j = 0; j < V; ++j) acc[d0 + j] = __fadd_rn(acc[d0 + j], __fmul_rn(g, x[j]));
   }
 }
 
@@ -235,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int ti = __shfl_sync(kFull, trip, i);
         float x[V];
         load_pack<T, V>(user + users[ti] * u_sr, u_sc, d0, dim, x);
-        for (int j = 0; j < V; ++j) g[j] = __fmaf_rn(gi, x[j], g[j]);
+        for (int j = 0; j < V; ++j) g[j] = __fadd_rn(g[j], __fmul_rn(gi, x[j]));  // no fma: see lane_axpy
       }
     }
   };
@@ -319,7 +321,7 @@ __global__ void __launch_bounds__(atomic_warps<V>() * kWarp)
       for (int ch = 0; ch < kChunks; ++ch) {  // the row again (an L1 hit) rather than D more registers
         float n[V];
         load_pack<float, V>(n_row, i_sc, static_cast<int64_t>(ch) * kWarp * V + lane * V, dim, n);
-        for (int j = 0; j < V; ++j) du[ch][j] = __fmaf_rn(g, n[j], du[ch][j]);
+        for (int j = 0; j < V; ++j) du[ch][j] = __fadd_rn(du[ch][j], __fmul_rn(g, n[j]));  // no fma: see lane_axpy
       }
     }
     g0 = __fmul_rn(-c, sig_sum);
@@ -328,7 +330,7 @@ __global__ void __launch_bounds__(atomic_warps<V>() * kWarp)
       float p[V];
       load_pack<float, V>(p_row, i_sc, d0, dim, p);
       for (int j = 0; j < V; ++j) {
-        du[ch][j] = __fmaf_rn(g0, p[j], du[ch][j]);
+        du[ch][j] = __fadd_rn(du[ch][j], __fmul_rn(g0, p[j]));
         dp[ch][j] = __fmaf_rn(g0, u[ch][j], __fmul_rn(l2_scale, p[j]));
       }
     }

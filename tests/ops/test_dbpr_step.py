@@ -208,6 +208,27 @@ def test_parameters_are_updated_in_place_without_grad(gen, backend, device):
     assert not torch.equal(user_param.detach(), user) and not torch.equal(item_param.detach(), item)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_cancelling_gradients_leave_rows_exactly_unchanged(gen, backend, device, optimizer):
+    """A triplet whose negative is its positive has a zero gradient (G_b0 = -G_b1): its user row
+    must not move.  Row-wise Adagrad divides by sqrt(acc) + 1e-10, so a rounding residue
+    (an fma of the cancelling terms) would turn into a step of about lr."""
+    require("dbpr_step", backend, device, torch.float32)
+    user = torch.randn(6, 9, generator=gen).to(device)
+    item = torch.randn(7, 9, generator=gen).to(device)
+    users = torch.tensor([0, 1, 2, 3, 1], device=device)
+    pos = torch.tensor([4, 2, 5, 0, 6], device=device)
+    neg = torch.tensor([[4], [3], [5], [1], [6]], device=device)  # rows 0, 2 and 4 cancel
+    new_user, new_item = user.clone(), item.clone()
+    kwargs = dict(optimizer=optimizer)
+    if optimizer == "rowwise_adagrad":
+        kwargs["state"] = gf.RowwiseAdagradState(new_user, new_item)
+    gf.dbpr_step(new_user, new_item, users, pos, neg, lr=0.5, backend=backend, **kwargs)
+    for row in (0, 2):
+        assert torch.equal(new_user[row], user[row]), (optimizer, row)
+    assert not torch.equal(new_user[1], user[1])
+
+
 # ------------------------------------------------------------------- atomic (Hogwild) step
 
 @pytest.mark.parametrize("k", [None, 4])
