@@ -14,9 +14,17 @@ the script is killed (SIGTERM).  Sections:
   contenders in ``FWD_BWD`` and ``STEP`` over B = 2,048 / 65,536 / 1,048,576 triplets,
   D = 64 / 256, Amazon Baby (19,445 x 7,050) and 100k x 1M tables, K = 1 (and one K = 5
   row), in priority order: the two target configurations come first.
-* ``calib``: calibrate(backend="triton") vs "torch" and calibrate_items (cached codes),
-  d = 64, bits = 64; GB/s of input bytes.
+* ``calib``: calibrate(backend="triton") vs "cuda" vs "torch" and calibrate_items (cached
+  codes), d = 64, bits = 64; GB/s of input bytes.
 * ``huge``: dbpr_step with a 10^7-row item table at B = 2^20, D = 64 and 256.
+
+Every Triton kernel of guider_fast has a CUDA C++ twin (``backend="cuda"``, the extension
+``guider_fast._C``): dbpr fwd+bwd (atomic backward), dbpr_step sorted SGD, sorted row-wise
+Adagrad, sorted SGD on bfloat16 and atomic SGD, calibrate and calibrate_items.  Each twin
+runs right after its Triton contender (so a budget cut keeps pairs), and the "CUDA C++ vs
+Triton" section lists cuda ms / triton ms per pair against the target (the CUDA kernel at
+least matches its Triton twin: ratio <= 1 + MATCH_TOL).  A twin the dispatcher cannot run
+here (extension not built, a size limit) is reported as skipped with the dispatcher's reason.
 
 Floors (bytes that must move per triplet): the step reads and
 writes K+2 rows (+ K+2 float32 accumulators read and written for row-wise Adagrad);
@@ -36,12 +44,15 @@ reference's largest value, see ``_fwd_bwd_error`` / ``_step_error``).  A contend
 fails, runs out of memory, or would not fit is reported with its reason.
 
 ``--smoke`` runs tiny sizes on CPU (TRITON_INTERPRET=1, torch.compile with the
-aot_eager backend) to check the script itself.
+aot_eager backend, the CUDA C++ contenders through their emulation build,
+GUIDER_FAST_CUDA_SIM=1) to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
 
@@ -51,7 +62,7 @@ import guider_fast as gf
 import runner
 from baselines import (compile_hand_derived, hand_derived_fwd_bwd, hand_derived_step, naive_dbpr_loss,
                        relative_error)
-from guider_fast import bench
+from guider_fast import _cuda_build, _dispatch, bench
 from runner import Env, cleanup, describe, first_call, free_bytes, timed
 
 # ----------------------------------------------------------------------------- sizes
@@ -88,6 +99,10 @@ LR_TIME = 1e-3    # timing runs: tables barely move over hundreds of steps
 LR_CHECK = 0.05  # x B: the checked first step (mean reduction) moves rows far above float32 rounding
 CHECK_CLONE_LIMIT = 3 << 30  # clone tables for the step check only below this size
 MEM_HEADROOM = 0.85  # use at most this share of the free device memory
+# The CUDA C++ target is "at least matches its Triton twin".  Two back-to-back do_bench
+# medians of one kernel differ by a few percent on a shared card, so a ratio up to
+# 1 + MATCH_TOL counts as a match (reported as such, apart from "faster").
+MATCH_TOL = 0.03
 
 
 # ----------------------------------------------------------------------------- problems
@@ -165,6 +180,8 @@ def fb_compiled(p):
 # name -> (run(problem) -> (loss, grad_U, grad_I), gradient layout: dense tables or sparse)
 FWD_BWD = {
     "guider_fast triton": (fb_guider("triton", deterministic=False), "dense"),
+    # The CUDA C++ backward is the atomic scatter (dense gradients): the twin of the above.
+    "guider_fast cuda": (fb_guider("cuda", deterministic=False), "dense"),
     "guider_fast triton deterministic": (fb_guider("triton", deterministic=True), "dense"),
     "guider_fast triton sparse_grad": (fb_guider("triton", sparse_grad=True), "sparse"),
     "guider_fast torch": (fb_guider("torch"), "dense"),
@@ -217,13 +234,20 @@ def st_compiled(p, U, I, lr):
 #          optimizer states (tables' worth))
 STEP = {
     "dbpr_step triton sgd": (st_guider("triton"), "sgd", torch.float32, False, 0, 0),
+    "dbpr_step cuda sgd": (st_guider("cuda"), "sgd", torch.float32, False, 0, 0),
     "dbpr_step triton rowwise_adagrad": (st_guider("triton", "rowwise_adagrad"), "rowwise_adagrad",
                                          torch.float32, True, 0, 0),
+    "dbpr_step cuda rowwise_adagrad": (st_guider("cuda", "rowwise_adagrad"), "rowwise_adagrad",
+                                       torch.float32, True, 0, 0),
     "dbpr_step triton sgd bf16": (st_guider("triton", dtype=torch.bfloat16), "sgd", torch.bfloat16,
                                   False, 0, 0),
+    "dbpr_step cuda sgd bf16": (st_guider("cuda", dtype=torch.bfloat16), "sgd", torch.bfloat16,
+                                False, 0, 0),
     # Hogwild: its check against the exact step shows the cross-block staleness.
     "dbpr_step triton sgd atomic": (st_guider("triton", duplicates="atomic"), "sgd", torch.float32,
                                     False, 0, 0),
+    "dbpr_step cuda sgd atomic": (st_guider("cuda", duplicates="atomic"), "sgd", torch.float32,
+                                  False, 0, 0),
     "dbpr_step torch sgd": (st_guider("torch"), "sgd", torch.float32, False, 0, 0),
     "naive torch autograd + SGD": (st_naive(False, torch.optim.SGD), "sgd", torch.float32, False, 1, 0),
     "torch.compile hand-derived step": (st_compiled, "sgd", torch.float32, False, 0, 0),
@@ -231,10 +255,30 @@ STEP = {
                                           False, 0, 2),
     "nn.Embedding(sparse) + SGD": (st_naive(True, torch.optim.SGD), "sgd", torch.float32, False, 0, 0),
 }
-HUGE_STEP = ("dbpr_step triton sgd", "dbpr_step triton sgd atomic", "dbpr_step triton rowwise_adagrad",
-             "dbpr_step triton sgd bf16",
+HUGE_STEP = ("dbpr_step triton sgd", "dbpr_step cuda sgd", "dbpr_step triton sgd atomic",
+             "dbpr_step cuda sgd atomic", "dbpr_step triton rowwise_adagrad", "dbpr_step cuda rowwise_adagrad",
+             "dbpr_step triton sgd bf16", "dbpr_step cuda sgd bf16",
              "dbpr_step torch sgd", "torch.compile hand-derived step", "nn.Embedding(sparse) + SGD",
              "naive torch autograd + SGD")
+
+# cuda contender -> its Triton twin (the pairs of the "CUDA C++ vs Triton" section).
+CUDA_TWINS = {
+    "guider_fast cuda": "guider_fast triton",
+    **{name: name.replace(" cuda ", " triton ") for name in STEP if " cuda " in name},
+    "calibrate cuda": "calibrate triton",
+    "calibrate_items cuda": "calibrate_items triton",
+}
+
+
+def cuda_reason(op, dtype, problem=None):
+    """None if backend="cuda" can run ``op`` here, else the dispatcher's reason (not built, a limit)."""
+    return _dispatch.unavailable_reason(op, "cuda", Env.device, dtype, problem)
+
+
+def _step_cuda_reason(name, p, dtype):
+    if " cuda " not in name:
+        return None
+    return cuda_reason("dbpr_step", dtype, ("atomic" if name.endswith(" atomic") else "sorted", p.dim, 0.0))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -326,6 +370,8 @@ class Worker(runner.Worker):
                 continue
             row = dict(base, contender=name, floor_bytes=floor_bytes(p, "fwd+bwd", 4),
                        dense_zero_bytes=p.table_bytes() if kind == "dense" else 0)
+            if not why and name in CUDA_TWINS:
+                why = cuda_reason("dbpr", p.U.dtype, ("dense",))
             if why:
                 self.emit(dict(row, skipped=why))
                 continue
@@ -365,6 +411,7 @@ class Worker(runner.Worker):
             elem = torch.tensor([], dtype=dtype).element_size()
             row = dict(base, contender=name, floor_bytes=floor_bytes(p, "step", elem, accs),
                        dense_zero_bytes=p.table_bytes() if dense_grads else 0)
+            why = why or _step_cuda_reason(name, p, dtype)
             if why:
                 self.emit(dict(row, skipped=why))
                 continue
@@ -421,12 +468,14 @@ class Worker(runner.Worker):
             cfg = f"B={batch:,} d={d} bits={bits}"
             for distance in ("geomloss", "euclidean"):
                 ref = None
-                for backend in ("triton", "torch"):
+                for backend in ("triton", "cuda", "torch"):
                     row = dict(config=cfg, mode=f"calibrate {distance}", contender=f"calibrate {backend}",
                                batch=batch, in_bytes=in_bytes)
                     why = self.todo(row, row["contender"])
                     if why == "done":
                         continue
+                    if not why and backend == "cuda":
+                        why = cuda_reason("calibrate", t.dtype, (t.dim(), codes[0].dtype))
                     if why:
                         self.emit(dict(row, skipped=why))
                         continue
@@ -461,12 +510,14 @@ class Worker(runner.Worker):
                 items = torch.randint(0, n_items, (batch,), device=Env.device, generator=gen)
                 u_code = torch.randn(batch, bits, device=Env.device, generator=gen)
                 ref = None
-                for backend in ("triton", "torch"):
+                for backend in ("triton", "cuda", "torch"):
                     row = dict(config=cfg, mode="calibrate_items", contender=f"calibrate_items {backend}",
                                batch=batch, in_bytes=batch * (bits * 4 + 8 + row_bytes))
                     why = self.todo(row, row["contender"])
                     if why == "done":
                         continue
+                    if not why and backend == "cuda":
+                        why = cuda_reason("calibrate_items", u_code.dtype)
                     if isinstance(cache, str):
                         why = why or f"precompute_item_calibration failed: {cache}"
                     if why:
@@ -584,7 +635,8 @@ def targets(rows):
         else:
             lines.append(f"- fwd+bwd >= 5x naive torch, {r['config']}: not measured "
                          f"({(tri[0] if tri else {}).get('error') or r.get('error') or r.get('skipped')})")
-    step_rows = [r for name in ("dbpr_step triton sgd", "dbpr_step triton sgd atomic")
+    step_rows = [r for name in ("dbpr_step triton sgd", "dbpr_step triton sgd atomic", "dbpr_step cuda sgd",
+                                "dbpr_step cuda sgd atomic")
                  for r in _find(rows, "step", name, lambda r: r.get("batch", 0) >= 1_000_000)]
     for r in step_rows:
         if "copy_fraction" in r:
@@ -593,9 +645,59 @@ def targets(rows):
                          f"**{100 * frac:.0f}%** "
                          f"({'PASS' if frac >= 0.6 else 'FAIL'}; {r['gbps']:.0f} GB/s, {r['ms']:.3f} ms)")
         else:
-            lines.append(f"- dbpr_step >= 60% of copy bandwidth, {r['config']}: not measured "
+            lines.append(f"- {r['contender']} >= 60% of copy bandwidth, {r['config']}: not measured "
                          f"({r.get('error') or r.get('skipped')})")
     return lines
+
+
+def cuda_vs_triton(rows):
+    """The CUDA C++ twins against their Triton contenders: a table of cuda ms / triton ms per
+    measured pair, a verdict line per pair kind, and why the pairs that did not run did not."""
+    pairs, missing = [], {}
+    for r in rows:
+        twin_name = CUDA_TWINS.get(r.get("contender"))
+        if twin_name is None:
+            continue
+        twin = [x for x in rows if x.get("contender") == twin_name and x.get("config") == r.get("config")
+                and x.get("mode") == r.get("mode")]
+        if "ms" in r and twin and "ms" in twin[0]:
+            pairs.append((r, twin[0], r["ms"] / twin[0]["ms"]))
+            continue
+        if "ms" not in r:
+            why = r.get("skipped") or r.get("error") or "not timed"
+        else:
+            other = twin[0] if twin else {}
+            why = "its twin: " + (other.get("skipped") or other.get("error") or f"{twin_name} did not run")
+        missing.setdefault((r["contender"], why[:200]), []).append(r["config"])
+    lines = [f"Target: each CUDA C++ kernel at least matches its Triton twin (cuda/triton <= "
+             f"{1 + MATCH_TOL:g}: below 1 faster, up to {1 + MATCH_TOL:g} a match within timing noise).", ""]
+    if pairs:
+        lines += ["| cuda contender | config | mode | cuda ms | triton ms | cuda/triton | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for r, t, ratio in pairs:
+            lines.append(f"| {r['contender']} | {r['config']} | {r['mode']} | {r['ms']:.4f} | {t['ms']:.4f} | "
+                         f"{ratio:.3f} | {_verdict(ratio)} |")
+        lines.append("")
+        by_name = {}
+        for r, _, ratio in pairs:
+            by_name.setdefault(r["contender"], []).append(ratio)
+        for name, ratios in by_name.items():
+            passed = ("no verdict (smoke)" if Env.smoke else
+                      f"{sum(x <= 1 + MATCH_TOL for x in ratios)}/{len(ratios)} pairs PASS")
+            lines.append(f"- {name} vs {CUDA_TWINS[name]}: {passed}, geometric-mean "
+                         f"ratio **{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}** "
+                         f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    else:
+        lines.append("- no CUDA C++ / Triton pair was measured")
+    for (name, why), configs in missing.items():
+        lines.append(f"- {name}: not measured in {len(configs)} configuration(s) ({why})")
+    return lines
+
+
+def _verdict(ratio):
+    if Env.smoke:  # emulated CUDA C++ vs interpreted Triton on a CPU: no verdict to draw
+        return "n/a (smoke)"
+    return "PASS (faster)" if ratio < 1 else "PASS (match)" if ratio <= 1 + MATCH_TOL else "FAIL (slower)"
 
 
 def header(copy_gbps, env):
@@ -611,7 +713,8 @@ def header(copy_gbps, env):
 
 def environment():
     if Env.smoke:
-        env = f"SMOKE (CPU, TRITON_INTERPRET=1, tiny sizes): numbers are meaningless; torch {torch.__version__}"
+        env = (f"SMOKE (CPU, TRITON_INTERPRET=1, CUDA C++ through its emulation build, tiny sizes): numbers are "
+               f"meaningless; torch {torch.__version__}")
     else:
         props = torch.cuda.get_device_properties(0)
         env = (f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
@@ -629,6 +732,7 @@ def plan():
              f"dbpr configs (B, D, tables, K), priority order: "
              f"{[(b, d, t[0], k) for b, d, t, k in DBPR_CONFIGS]}",
              f"fwd+bwd contenders: {list(FWD_BWD)}", f"step contenders: {list(STEP)}",
+             f"CUDA C++ twins (cuda -> triton): {CUDA_TWINS}",
              f"huge: {[(b, d, t[0], k) for b, d, t, k in HUGE_CONFIGS]} x {list(HUGE_STEP)}",
              f"calib batches: {CALIB_BATCHES}, items: {[t[0] for t in CALIB_ITEMS]}"]
     return "\n".join(lines)
@@ -643,13 +747,15 @@ def finish(args):
         device = runner.device_name()
         long = runner.stamp([long_row(r, device) for r in rows if r.get("mode") != "copy" or "ms" in r])
         goal = targets(rows)
+        twins = cuda_vs_triton(rows)
         tables = report.render(long, title="DBPR and calibration on the GPU", summary=False)
         md = "\n".join(["# DBPR and calibration on the GPU", ""] + header(copy_gbps, env) + [
-            "", "## Targets", ""] + (goal or ["- not measured"]) + ["", "## All rows", "",
-                                                                     tables, "", f"Sections: {log}."])
+            "", "## Targets", ""] + (goal or ["- not measured"]) + ["", "## CUDA C++ vs Triton", ""] + twins
+            + ["", "## All rows", "", tables, "", f"Sections: {log}."])
         key = [r for r in long if str(r.get("shape", "")).startswith("B=65,536 D=64 K=1 Baby")
                or (r.get("mode") == "step" and r.get("contender") == "dbpr_step triton sgd")]
         summary = "\n".join(["# DBPR summary"] + header(copy_gbps, env) + [""] + (goal or ["- not measured"])
+                             + ["", "## CUDA C++ vs Triton", ""] + twins
                              + ["", report.render(key, title="Key rows", summary=False) if key else ""])
         runner.write_outputs(args, __file__, long, env, log, md, extra=dict(copy_gbps=copy_gbps))
         if args.summary:
@@ -657,6 +763,23 @@ def finish(args):
                 sink.write(summary + "\n")
         print(summary)
     return done
+
+
+def smoke_cuda_emulation():
+    """--smoke: the cuda contenders run through the CUDA C++ emulation build on CPU tensors.
+
+    Built here, once, before the sections start (about a minute cold, seconds warm), so that
+    no worker spends its budget on it; the workers inherit GUIDER_FAST_CUDA_SIM=1 and load it
+    at their first cuda dispatch.  A failed build is printed, and the cuda contenders are then
+    skipped with the dispatcher's reason (instead of every worker retrying the build).
+    """
+    os.environ["GUIDER_FAST_CUDA_SIM"] = "1"
+    try:
+        print(f"smoke: CUDA C++ emulation build {_cuda_build.build_emulation()}", flush=True)
+    except Exception as exc:
+        print(f"smoke: the CUDA C++ emulation build failed, cuda contenders will be skipped: {describe(exc)}",
+              flush=True)
+        os.environ["GUIDER_FAST_CUDA_SIM"] = "0"
 
 
 def main():
@@ -668,6 +791,8 @@ def main():
     if args.plan:
         print(plan())
         return 0
+    if Env.smoke and not args.worker:
+        smoke_cuda_emulation()
     if not args.worker and not Env.smoke and not torch.cuda.is_available():
         print("bench_dbpr_gpu.py: no CUDA device here; nothing measured (--smoke runs tiny sizes on CPU, "
               "--plan prints the matrix)", file=sys.stderr)
