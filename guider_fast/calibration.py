@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
 
 from . import _dispatch, _library, _library_cuda
 from . import _validate as V
+from ._constants import CALIBRATION_MINMAX_EPS
 from .reference import calibration as ref
 
 DISTANCES = ("geomloss", "euclidean")
@@ -260,4 +262,39 @@ def _calibrate_items_unchecked(cache, u_code, items, threshold, backend):
     # For callers that validated items against the cache already (GuiderLoss): no second check pass.
     _, impl = _dispatch.resolve("calibrate_items", backend, u_code.device, u_code.dtype)
     weights, clean, d, normalized = impl(cache, u_code.detach(), items.long(), float(threshold))
+    return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)
+
+
+# ------------------------------------------------------------ a batch split over processes
+
+def batch_bounds(distance: torch.Tensor, reduce_max: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (min, max) of a batch's distances when each process holds a part of the batch.
+
+    ``distance`` is this process's part (possibly empty); ``reduce_max`` returns the
+    elementwise maximum of its argument over the processes (e.g. an all-reduce with
+    ``ReduceOp.MAX``).  One 2-element reduction of ``(-min, max)`` in ``distance``'s dtype:
+    8 bytes for float32.  Every process must call it, an empty part included.
+    """
+    if distance.numel():
+        local = torch.stack([-distance.amin(), distance.amax()])
+    else:  # the identity of the maximum: this process holds none of the batch
+        local = torch.full((2,), float("-inf"), dtype=distance.dtype, device=distance.device)
+    bounds = reduce_max(local)
+    return -bounds[0], bounds[1]
+
+
+def with_batch_bounds(calibration: Calibration, lo: torch.Tensor, hi: torch.Tensor,
+                      threshold: float) -> Calibration:
+    """``calibration`` of a part of the batch re-normalised by the whole batch's ``lo`` / ``hi``.
+
+    ``calibration`` must come from a call with a threshold above 1 (every row clean: the
+    normalised distance lies in [0, 1)), so that its weights are every row's clean-row weight (the hash-code similarity).  The normalised distance and
+    the clean test are the reference's (``(d - lo) / (hi - lo + 1e-7) < threshold``), so the
+    parts of a split batch get exactly the flags and weights of the whole batch.
+    """
+    d = calibration.distance
+    normalized = (d - lo) / (hi - lo + CALIBRATION_MINMAX_EPS)
+    clean = normalized < threshold
+    weights = torch.where(clean, calibration.weights, torch.ones_like(calibration.weights))
     return Calibration(weights=weights, clean=clean, distance=d, normalized=normalized)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -10,8 +10,8 @@ from torch import nn
 from . import _dispatch
 from . import _validate as V
 from .calibration import (DISTANCES, Calibration, ItemCalibration, _calibrate_items_unchecked,
-                          calibrate, precompute_item_calibration)
-from .dbpr import _check_dbpr, _dbpr_unchecked
+                          batch_bounds, calibrate, precompute_item_calibration, with_batch_bounds)
+from .dbpr import REDUCTIONS, _check_dbpr, _dbpr_unchecked
 
 
 class GuiderLoss(nn.Module):
@@ -205,8 +205,24 @@ class GuiderLoss(nn.Module):
     def forward(self, user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
                 pos_items: torch.Tensor, neg_items: torch.Tensor,
                 text_feat: Optional[torch.Tensor] = None,
-                image_feat: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image_feat: Optional[torch.Tensor] = None, *, reduction: str = "mean",
+                reduce_max: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """The DBPR loss of the batch weighted by its calibration.
+
+        reduction : "mean" (default), "sum" or "none", as ``dbpr_loss``.
+        reduce_max : for a batch split over processes, each calling with its part: a function
+            returning the elementwise maximum of a tensor over the processes (an all-reduce
+            with ``ReduceOp.MAX``).  The calibration's min-max normalisation then uses the
+            whole batch's min and max (one 2-element reduction), so every part is flagged and
+            weighted as in the whole batch; normalising each part by itself would flag other
+            rows.  None (default): the batch is all here.
+        """
         _check_dbpr(user_emb, item_emb, users, pos_items, neg_items, None)
+        V.require_choice("reduction", reduction, REDUCTIONS)
+        # A split batch calibrates its part with every row clean (the normalised distance lies
+        # in [0, 1), so threshold 2 keeps every row: the weights are the clean-row weights),
+        # then applies the whole batch's bounds.
+        threshold = self.threshold if reduce_max is None else 2.0
         with torch.no_grad():
             user_rows = user_emb.detach().index_select(0, users.long())
             u_code = self.user_hash(user_rows.to(self.user_hash.weight.dtype))
@@ -224,8 +240,7 @@ class GuiderLoss(nn.Module):
                     raise ValueError(f"the item cache holds {cache.n_items} items but item_emb has "
                                      f"{item_emb.shape[0]} rows")
                 # pos_items were range-checked with the DBPR inputs above.
-                calibration = _calibrate_items_unchecked(cache, u_code, pos_items, self.threshold,
-                                                         self.backend)
+                calibration = _calibrate_items_unchecked(cache, u_code, pos_items, threshold, self.backend)
             else:
                 if text_feat is None or image_feat is None:
                     raise ValueError("text_feat and image_feat are required unless precompute_items() "
@@ -237,11 +252,14 @@ class GuiderLoss(nn.Module):
                 pos = pos_items.long()
                 t, v, t_code, v_code = self._project(text_feat.index_select(0, pos),
                                                      image_feat.index_select(0, pos))
-                calibration = calibrate(t, v, u_code, t_code, v_code, threshold=self.threshold,
+                calibration = calibrate(t, v, u_code, t_code, v_code, threshold=threshold,
                                         distance=self.distance, backend=self.backend)
+            if reduce_max is not None:
+                lo, hi = batch_bounds(calibration.distance, reduce_max)
+                calibration = with_batch_bounds(calibration, lo, hi, self.threshold)
         self.last_calibration = calibration
         weights = calibration.weights
         if self.noisy_weight != 1.0:
             weights = torch.where(calibration.clean, weights, torch.full_like(weights, self.noisy_weight))
         return _dbpr_unchecked(user_emb, item_emb, users, pos_items, neg_items, weights,
-                               "mean", self.backend)
+                               reduction, self.backend)

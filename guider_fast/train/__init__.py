@@ -8,6 +8,7 @@ evaluate   full_sort_topk, ranking_metrics (full-catalogue Recall@K / NDCG@K), p
 distill    kl_distill_loss (streamed), kl_distill_dense, ot_distill_loss
 config     TrainConfig: the settings, each with its command-line help; PRESETS (GUIDER's settings)
 trainer    Trainer (the run in named steps), train(config), format_result(result), mgda_weights
+distributed  ShardedTrainer: the run on several processes (users sharded, items replicated)
 progress   the per-epoch progress display
 plot       plot_history(result, path): the training curves (matplotlib, imported only there)
 cli        the ``guider-fast train`` options, built from TrainConfig's fields

@@ -7,6 +7,11 @@ defaults to None (the preset decides) takes ``--flag`` and ``--no-flag``.
 
 ``run`` prints one line and exits 2 for a user's mistake, and on Ctrl-C says where the last
 checkpoint is and the command that resumes it (exit 130), without a traceback.
+
+``--nproc N`` is not a setting of the run but of its launch: it starts torchrun with N
+processes of this machine, each running this command without it.  Under torchrun (the
+environment names a process group), ``run`` joins the group and every process trains its
+share (``guider_fast.train.distributed``); only process 0 prints.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import shlex
 import sys
 import typing
 from typing import Dict, List
+
+import torch
 
 from .config import TrainConfig
 
@@ -38,7 +45,14 @@ def _options() -> Dict[str, dataclasses.Field]:
             for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
 
 
+# Options of the launch, not of the run (not TrainConfig fields).
+LAUNCH_OPTIONS = ("nproc",)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train on N processes of this machine (starts torchrun --nproc-per-node N; users "
+                             "sharded, items replicated; on several machines run torchrun yourself)")
     hints = typing.get_type_hints(TrainConfig)
     for flag, f in _options().items():
         kind, help = _value_type(hints[f.name]), f.metadata["help"]
@@ -73,8 +87,16 @@ def command_line(config: TrainConfig) -> List[str]:
     return argv
 
 
-def _interrupted(config: TrainConfig, trainer) -> str:
-    """What a Ctrl-C leaves: where the last checkpoint is and how to continue from it."""
+def _resume_command(config: TrainConfig, world_size: int) -> str:
+    argv = command_line(config)
+    if world_size > 1:
+        argv[2:2] = ["--nproc", str(world_size)]
+    return shlex.join(argv)
+
+
+def _interrupted(config: TrainConfig, trainer, world_size: int = 1) -> str:
+    """What a Ctrl-C leaves: where the last checkpoint is and how to continue from it
+    (``world_size`` processes: the same number again)."""
     epoch = trainer.state.epoch if trainer is not None else 0
     where = f"after epoch {epoch}" if epoch else "before the first epoch ended"
     if not config.checkpoint:
@@ -84,26 +106,70 @@ def _interrupted(config: TrainConfig, trainer) -> str:
         if config.resume and os.path.exists(config.checkpoint):
             resumed = dataclasses.replace(config, overwrite=False)
             return (f"guider-fast train: interrupted {where}; the checkpoint {config.checkpoint} is as it was: "
-                    f"continue with: {shlex.join(command_line(resumed))}")
+                    f"continue with: {_resume_command(resumed, world_size)}")
         return f"guider-fast train: interrupted {where}; no checkpoint written yet to {config.checkpoint}"
     resumed = dataclasses.replace(config, resume=True, overwrite=False)
     return (f"guider-fast train: interrupted; last checkpoint {config.checkpoint} (epoch {trainer.saved_epoch}); "
-            f"continue with: {shlex.join(command_line(resumed))}")
+            f"continue with: {_resume_command(resumed, world_size)}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .trainer import Trainer, format_result
-
     config = config_from_args(args)
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None:
+        from .distributed import check_launch, launch
+
+        try:
+            check_launch(config, nproc)
+        except (ValueError, OSError) as error:
+            print(f"guider-fast train: {error}", file=sys.stderr)
+            return 2
+        return launch(nproc, command_line(config)[1:])
+    from . import distributed
+
+    joined = False
+    if distributed.launched_by_torchrun() and not torch.distributed.is_initialized():
+        try:
+            distributed.init_from_env(config.device)
+        except (ValueError, RuntimeError) as error:
+            print(f"guider-fast train: {error}", file=sys.stderr)
+            return 2
+        joined = True
+    code = 1
+    try:
+        code = _train(config)
+        return code
+    finally:
+        if joined:
+            if code == 0:
+                # Every process is past its last collective before any tears its connections
+                # down (a peer closing while gloo still reads can abort the process).
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig) -> int:
+    from .trainer import format_result, make_trainer
+
+    group = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if group else 0
+    world_size = torch.distributed.get_world_size() if group else 1
     trainer = None
     try:
-        trainer = Trainer(config)
+        trainer = make_trainer(config)
         result = trainer.run()
     except KeyboardInterrupt:
-        print(_interrupted(config, trainer), file=sys.stderr)
+        if rank == 0:
+            print(_interrupted(config, trainer, world_size), file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError) as error:
-        print(f"guider-fast train: {error}", file=sys.stderr)
+        # A user's mistake is found alike by every process: process 0 says it.  Other errors
+        # may be one process's own: each says its own, with its rank.
+        if rank == 0:
+            print(f"guider-fast train: {error}", file=sys.stderr)
+        elif not isinstance(error, (ValueError, TypeError)):
+            print(f"guider-fast train (process {rank}): {error}", file=sys.stderr)
         return 2
-    print(format_result(result))
+    if rank == 0:
+        print(format_result(result))
     return 0

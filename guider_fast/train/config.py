@@ -89,6 +89,10 @@ class TrainConfig:
     n_items: int = option(7_000, "synthetic data: items")
     noise: float = option(0.2, "synthetic data: share of corrupted interactions")
     progress: bool = option(True, "no progress bar", flag="--no-progress")
+    virtual_shards: Optional[int] = option(None, "multi-process runs: users fall into this many shards, each "
+                                                 "with its own random stream, so the model depends on this "
+                                                 "number and not on the number of processes (default: the "
+                                                 "number of processes; on --resume, the checkpoint's)")
 
     def resolved(self) -> "TrainConfig":
         """A copy with every calibration setting left at None taken from the preset."""
@@ -121,6 +125,9 @@ class TrainConfig:
         weight = self.distill_weight
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"distill_weight must be None (MGDA) or a number >= 0, got {weight!r}")
+        shards = self.virtual_shards
+        if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+            raise ValueError(f"virtual_shards must be None or a positive integer, got {shards!r}")
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
         if SELECT_METRIC.split("@")[1] not in {str(k) for k in self.ks}:

@@ -7,12 +7,14 @@ running top-K per user over tiles of ``user_block`` users x ``item_block`` items
 
 ``ranking_metrics`` computes Recall@K and NDCG@K for several K from one top-max(K)
 retrieval; ``popularity_metrics`` is the same for the training-popularity ranking.
+``ranking_metric_sums`` / ``metrics_from_sums`` are ``ranking_metrics`` split into per-user
+sums and their means, for processes that each evaluate a share of the users.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
@@ -244,6 +246,46 @@ def ranking_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, eval_pairs: 
     (``full_sort_topk`` with ``user_block`` / ``item_block``) serves every K; padded
     slots (users with fewer than K retrievable items) are misses.
     """
+    return {name: float(value.mean())
+            for name, value in _per_user_metrics(user_emb, item_emb, eval_pairs, exclude_pairs, ks,
+                                                 user_block, item_block, allow_empty=False)}
+
+
+def ranking_metric_sums(user_emb: torch.Tensor, item_emb: torch.Tensor, eval_pairs: torch.Tensor,
+                        exclude_pairs: Optional[torch.Tensor],
+                        ks: Union[int, Iterable[int]] = (10, 20, 50), *, user_block: int = 1024,
+                        item_block: int = 65536) -> Tuple[Tuple[str, ...], torch.Tensor]:
+    """``ranking_metrics`` as sums, for evaluating a share of the users per process.
+
+    Returns ``(names, sums)``: the metric names of ``ranking_metrics`` and a float64 tensor
+    holding, for each name, the metric summed over the evaluated users, followed by the
+    number of evaluated users.  Sums of disjoint user sets add up (one all-reduce), and
+    ``metrics_from_sums`` turns the total into ``ranking_metrics``'s means.  Unlike
+    ``ranking_metrics``, empty ``eval_pairs`` are allowed (all sums 0): a process may hold
+    no evaluated user.
+    """
+    names, sums = [], []
+    for name, value in _per_user_metrics(user_emb, item_emb, eval_pairs, exclude_pairs, ks, user_block,
+                                         item_block, allow_empty=True):
+        names.append(name)
+        sums.append(value.sum())
+        count = value.shape[0]
+    device = user_emb.device
+    sums.append(torch.tensor(float(count), dtype=torch.float64, device=device))
+    return tuple(names), torch.stack([s.to(device=device, dtype=torch.float64) for s in sums])
+
+
+def metrics_from_sums(names: Tuple[str, ...], sums: torch.Tensor) -> Dict[str, float]:
+    """The means of ``ranking_metric_sums``'s (possibly all-reduced) sums."""
+    count = float(sums[-1])
+    if count == 0:
+        raise ValueError("no user has an eval item to rank")
+    return {name: float(value) / count for name, value in zip(names, sums[:-1].tolist())}
+
+
+def _per_user_metrics(user_emb, item_emb, eval_pairs, exclude_pairs, ks, user_block, item_block, *,
+                      allow_empty):
+    """(name, (n_evaluated,) float64 values) for each metric of ``ranking_metrics``."""
     _check_embeddings(user_emb, item_emb)
     _check_pairs("eval_pairs", eval_pairs)
     if exclude_pairs is not None:
@@ -251,7 +293,7 @@ def ranking_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, eval_pairs: 
     ks = _normalise_ks(ks)
     V.require_int("user_block", user_block, 1)
     V.require_int("item_block", item_block, 1)
-    if eval_pairs.shape[0] == 0:
+    if eval_pairs.shape[0] == 0 and not allow_empty:
         raise ValueError("eval_pairs is empty: no user has an eval item to rank")
     V.require_same_device([("user_emb", user_emb), ("item_emb", item_emb),
                            ("eval_pairs", eval_pairs), ("exclude_pairs", exclude_pairs)])
@@ -261,6 +303,12 @@ def ranking_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, eval_pairs: 
         _pair_value_checks(checks, "eval_pairs", eval_pairs, n_users, n_items)
         _pair_value_checks(checks, "exclude_pairs", exclude_pairs, n_users, n_items)
         checks.raise_if_any()
+    if eval_pairs.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.float64, device=user_emb.device)
+        for k in ks:
+            yield f"recall@{k}", empty
+            yield f"ndcg@{k}", empty
+        return
 
     ev = eval_pairs.long()
     keys = torch.unique(ev[:, 0] * n_items + ev[:, 1])  # sorted, distinct pairs
@@ -275,15 +323,13 @@ def ranking_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, eval_pairs: 
     disc = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64, device=top.device))
     ideal = torch.cumsum(disc, 0)
     n_eval = n_eval.double()
-    out: Dict[str, float] = {}
     for k in ks:
         h = hits[:, :k]
         recall = h.sum(1) / n_eval
         idcg = ideal[(n_eval.long().clamp(max=k) - 1)]
         ndcg = (h * disc[:k]).sum(1) / idcg
-        out[f"recall@{k}"] = float(recall.mean())
-        out[f"ndcg@{k}"] = float(ndcg.mean())
-    return out
+        yield f"recall@{k}", recall
+        yield f"ndcg@{k}", ndcg
 
 
 def popularity_metrics(train_pairs: torch.Tensor, n_users: int, n_items: int, eval_pairs: torch.Tensor,

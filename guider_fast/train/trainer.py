@@ -17,6 +17,9 @@ on validation Recall@20, with early stopping after ``patience`` evaluations
 without improvement.  The loop checkpoints after every epoch; ``resume=True``
 continues an interrupted run from its checkpoint, best model included.
 
+Under ``torch.distributed`` (torchrun, or ``guider-fast train --nproc N``), ``train`` runs a
+``distributed.ShardedTrainer`` in every process instead: users sharded, items replicated.
+
 ``Trainer`` is that run in named steps: building it loads the data, builds the
 model, the loss and the student, and restores a checkpoint; ``run()`` trains
 epoch by epoch (``train_epoch``, ``end_epoch``, ``save_checkpoint``) and returns
@@ -57,8 +60,12 @@ def load_data(config: TrainConfig, log: Callable[[str], None]) -> gdata.Interact
     else:
         data = gdata.load_mmrec(config.data)
         if config.loss == "guider" and data.text_feat is None and data.image_feat is None:
-            log("no modality features in the dataset: generating synthetic text/image features "
-                "from the interaction graph (guider_fast.train.data.with_synthetic_features)")
+            # Say plainly that these are not content features: a user must not read the run as
+            # a multi-modal result on real text and images.
+            log("no modality features in the dataset (no text_feat.npy / image_feat.npy): generating "
+                "synthetic text/image features from the interaction graph, NOT item content "
+                "(guider_fast.train.data.with_synthetic_features); real text features: "
+                "guider-fast text-features ITEMS.tsv DATASET_DIR")
             data = gdata.with_synthetic_features(data, seed=config.seed)
     if config.loss == "guider" and (data.text_feat is None or data.image_feat is None):
         present = "text" if data.text_feat is not None else "image"
@@ -78,6 +85,12 @@ def mgda_weights(g_task, g_distill):
     """
     dot = sum((a.double() * b.double()).sum() for a, b in zip(g_task, g_distill))
     norm2 = sum(b.double().pow(2).sum() for b in g_distill)
+    return mgda_weights_from_dots(dot, norm2)
+
+
+def mgda_weights_from_dots(dot: torch.Tensor, norm2: torch.Tensor):
+    """``mgda_weights`` from ``g1.g2`` and ``|g2|^2`` (float64 0-d tensors): a process holding part
+    of the parameters sums its parts of both over the processes first."""
     c = torch.where(dot >= 0, torch.full_like(dot, 0.999),
                     torch.where(-dot >= norm2, torch.full_like(dot, 0.001),
                                 1 + dot / norm2.clamp_min(torch.finfo(torch.float64).tiny)))
@@ -125,6 +138,8 @@ def _atomic_save(obj, path: str) -> None:
 
 # What every checkpoint holds (``Trainer.save_checkpoint``).
 _CHECKPOINT_KEYS = {"config", "model", "optimizer", "best_model", "generator", "state"}
+# The "format" of a multi-process run's manifest (``guider_fast.train.distributed``).
+SHARDED_FORMAT = "guider-fast sharded checkpoint"
 
 
 def _first_line(error: BaseException) -> str:
@@ -182,6 +197,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: Optional[gdata.InteractionData] = None,
                  log: Callable[[str], None] = print):
         config.validate()
+        if config.virtual_shards is not None:
+            raise ValueError(f"virtual_shards={config.virtual_shards} sets the shards of a multi-process run: "
+                             f"run with guider-fast train --nproc N (or torchrun), or leave it out")
         config = config.resolved()  # the preset's calibration settings where none are given
         check_output_paths(config)
         self.config, self.log = config, log
@@ -225,16 +243,20 @@ class Trainer:
 
     def _build_model(self) -> Tuple[GraphRecommender, torch.optim.Optimizer]:
         config, data = self.config, self.data
-        item_graph = None
-        if config.knn and data.n_items <= KNN_MAX_ITEMS:
-            item_graph = item_graph_from_features((data.text_feat, data.image_feat), config.knn)
-        elif config.knn:
-            self.log(f"item-item kNN graph skipped: {data.n_items:,} items > {KNN_MAX_ITEMS:,} (exact kNN is "
-                     f"quadratic in the catalogue); pass knn=0 to silence this")
         model = GraphRecommender(data.n_users, data.n_items, data.train, dim=config.dim,
-                                 n_layers=config.n_layers, item_graph=item_graph,
+                                 n_layers=config.n_layers, item_graph=self._build_item_graph(),
                                  seed=config.seed).to(self.device)
         return model, torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    def _build_item_graph(self) -> Optional[torch.Tensor]:
+        """FREEDOM's frozen item-item kNN graph, or None (off, or the catalogue is too large)."""
+        config, data = self.config, self.data
+        if config.knn and data.n_items <= KNN_MAX_ITEMS:
+            return item_graph_from_features((data.text_feat, data.image_feat), config.knn)
+        if config.knn:
+            self.log(f"item-item kNN graph skipped: {data.n_items:,} items > {KNN_MAX_ITEMS:,} (exact kNN is "
+                     f"quadratic in the catalogue); pass knn=0 to silence this")
+        return None
 
     def _build_loss(self) -> Optional[GuiderLoss]:
         """GUIDER's loss with every item calibrated once, or None for plain BPR."""
@@ -277,6 +299,10 @@ class Trainer:
         except Exception as error:  # not a torch file, truncated, or foreign objects
             raise ValueError(f"{path} is not a guider-fast checkpoint (cannot read it: {_first_line(error)}); "
                              f"pass another --checkpoint path, or --overwrite to replace it") from None
+        if isinstance(saved, dict) and saved.get("format") == SHARDED_FORMAT:
+            world = saved.get("world_size")
+            raise ValueError(f"checkpoint {path} was written by a multi-process run ({world} processes): resume "
+                             f"it with guider-fast train --nproc N (or torchrun), or start afresh (--overwrite)")
         if not isinstance(saved, dict) or not _CHECKPOINT_KEYS <= set(saved) \
                 or not isinstance(saved["config"], dict):
             raise ValueError(f"{path} is not a guider-fast checkpoint (it lacks the training state); pass "
@@ -466,8 +492,9 @@ class Trainer:
             "test": self.evaluate(self.model, "test"),
             "seconds_per_epoch": (sum(state.epoch_seconds) / len(state.epoch_seconds)
                                   if state.epoch_seconds else None),
-            "peak_memory_mb": _peak_memory_mb(self.device),
+            "peak_memory_mb": self._peak_memory_mb(),
             "history": state.history,
+            **self._run_info(),
         }
         result["baselines"] = self.baselines()
         if state.noise_counts:
@@ -477,14 +504,24 @@ class Trainer:
             if self.best_student is not None:
                 self.student.load_state_dict(self.best_student)
             result["student_test"] = self.evaluate(self.student, "test")
-        if config.metrics_json:
+        if config.metrics_json and self.writes_outputs:
             with open(config.metrics_json, "w") as handle:
                 json.dump(result, handle, indent=2)
-        if config.plot:
+        if config.plot and self.writes_outputs:
             from .plot import plot_history
 
             self.log(plot_history(result, config.plot))
         return result
+
+    # The hooks a multi-process run (``distributed.ShardedTrainer``) replaces.
+    writes_outputs = True  # this process writes --metrics-json and --plot
+
+    def _peak_memory_mb(self) -> float:
+        return _peak_memory_mb(self.device)
+
+    def _run_info(self) -> Dict:
+        """Entries of the result beyond the metrics (none for one process)."""
+        return {}
 
     def baselines(self) -> Dict[str, Dict[str, float]]:
         """The test split's metrics of the training-popularity ranking and, when the data knows
@@ -499,11 +536,23 @@ class Trainer:
         return out
 
 
+def make_trainer(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
+                 log: Callable[[str], None] = print) -> Trainer:
+    """The run's trainer: a ``Trainer`` in one process, a ``distributed.ShardedTrainer`` (users
+    sharded over the processes) where ``torch.distributed`` is initialised (e.g. under torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from .distributed import ShardedTrainer
+
+        return ShardedTrainer(config, data, log)
+    return Trainer(config, data, log)
+
+
 def train(config: TrainConfig, data: Optional[gdata.InteractionData] = None,
           log: Callable[[str], None] = print) -> Dict:
     """Train, select on validation Recall@20, and return the metrics (also written to
-    ``config.metrics_json`` when set)."""
-    return Trainer(config, data, log).run()
+    ``config.metrics_json`` when set).  In every process of a ``torch.distributed`` group, the
+    processes train one model together (``guider_fast.train.distributed``)."""
+    return make_trainer(config, data, log).run()
 
 
 _BASELINE_NAMES = {"popularity": "popularity (train counts)",

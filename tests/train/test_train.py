@@ -225,9 +225,13 @@ def test_cli_options_come_from_the_config_fields():
 
     config, parser = _parse_train([])
     assert config == TrainConfig()
+    from guider_fast.train.cli import LAUNCH_OPTIONS
+
     options = {a.dest: a for a in parser._actions if a.dest != "help"}
     offered = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]}
-    assert set(options) == offered == {f.name for f in dataclasses.fields(TrainConfig)} - {"ks"}
+    # Besides the fields, only the launch's options (--nproc), which are not settings of the run.
+    assert set(options) - set(LAUNCH_OPTIONS) == offered == {f.name for f in dataclasses.fields(TrainConfig)} - {"ks"}
+    assert set(LAUNCH_OPTIONS) <= set(options) and not set(LAUNCH_OPTIONS) & offered
     assert all(a.help for a in options.values())
     assert options["n_layers"].option_strings == ["--layers"]
     assert options["progress"].option_strings == ["--no-progress"]
