@@ -14,6 +14,25 @@ _spec = importlib.util.spec_from_file_location("_guider_fast_cuda_build", here /
 cuda_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cuda_build)
 
+# The CPU extension guider_fast._cpu_<isa> (every csrc/cpu/*.cpp; backend="cpu"): built when torch
+# is importable here, i.e. with `pip install --no-build-isolation` after torch (pip's isolated
+# build environment has no torch), else skipped with the reason (GUIDER_FAST_BUILD_CPU=0 skips,
+# =1 fails instead; guider_fast/_cpu_build.py also builds it just in time on request).
+_spec = importlib.util.spec_from_file_location("_guider_fast_cpu_build", here / "guider_fast" / "_cpu_build.py")
+cpu_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cpu_build)
+ext_modules = cuda_build.extension_modules() + cpu_build.extension_modules()
+
+
+def _build_cmdclass() -> dict:
+    """torch's BuildExtension (ninja, torch's include paths and ABI flags) when there is an extension to build."""
+    if not ext_modules:
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension}
+
+
 setup(
     name="guider_fast",
     version=version["__version__"],
@@ -29,12 +48,13 @@ setup(
     extras_require={
         "triton": ["triton"],
         "dev": ["pytest", "pytest-benchmark", "pot>=0.9.6", "geomloss==0.3.1", "hypothesis"],
-        # guider-fast bench's PNG plot; without it the command writes the markdown only.
-        "bench": ["matplotlib"],
+        # guider-fast bench's PNG plot; without it the command writes the markdown only. OTT-JAX
+        # and implicit: the CPU benchmark peers (benchmarks/sinkhorn_cpu.py, the DBPR suite).
+        "bench": ["matplotlib", "jax[cpu]==0.10.2", "ott-jax==0.6.0", "implicit"],
         # guider-fast train --plot; without it the run trains and says that no plot was written.
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
-    ext_modules=cuda_build.extension_modules(),
-    cmdclass=cuda_build.build_cmdclass(),
+    ext_modules=ext_modules,
+    cmdclass=_build_cmdclass(),
 )

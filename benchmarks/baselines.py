@@ -15,7 +15,9 @@ its contenders' non-guider_fast code from here.
 * **Sinkhorn** at one fixed eps, ``N_ITERS`` iterations, cost ``|x - y|^2 / 2``:
   ``naive_torch_sinkhorn`` (alternating logsumexp), ``pot_solve`` / ``pot_sinkhorn`` (POT's
   batched log-domain solver; its cost and reg are twice ours) and ``geomloss_sinkhorn``
-  (GeomLoss's tensorized loop); ``geomloss_samples_loss`` for the debiased divergence.
+  (GeomLoss's tensorized loop); ``geomloss_samples_loss`` for the debiased divergence;
+  ``compiled_naive_sinkhorn`` (the naive iteration through torch.compile / inductor) and
+  ``ott_sinkhorn`` (OTT-JAX, jit + vmap, Danskin gradients; the ``bench`` extra).
   They run on the device of their inputs.
 
 POT and GeomLoss are imported when first used: a missing peer costs only its contender
@@ -268,3 +270,83 @@ def geomloss_samples_loss(p=2, blur=0.05):
     import geomloss
 
     return geomloss.SamplesLoss("sinkhorn", p=p, blur=blur, backend="tensorized")
+
+
+_COMPILED_STEP = {}
+
+
+def _naive_iteration(cost, f, g, log_a, log_b, eps: float):
+    f = -eps * torch.logsumexp(log_b.unsqueeze(1) + (g.unsqueeze(1) - cost) / eps, dim=2)
+    g = -eps * torch.logsumexp(log_a.unsqueeze(2) + (f.unsqueeze(2) - cost) / eps, dim=1)
+    return f, g
+
+
+def compiled_naive_sinkhorn(x, y, eps, with_grad, n_iters=N_ITERS):
+    """``naive_torch_sinkhorn`` with its iteration compiled by torch.compile (inductor's CPU C++
+    codegen, one graph per shape): inductor fuses each logsumexp into a max pass and an exp-sum
+    pass over the cost (nothing (B, n, m) is written), but keeps the two half-iterations apart."""
+    if "step" not in _COMPILED_STEP:
+        _COMPILED_STEP["step"] = compile_hand_derived(_naive_iteration, dynamic=False)
+    step = _COMPILED_STEP["step"]
+    batch, n, m = x.shape[0], x.shape[1], y.shape[1]
+    a, b = uniform_weights(batch, n, x.device), uniform_weights(batch, m, x.device)
+    log_a, log_b = a.log(), b.log()
+    with torch.no_grad():
+        cost = half_squared_distances(x, y)
+        f, g = torch.zeros_like(a), torch.zeros_like(b)
+        for _ in range(n_iters):
+            f, g = step(cost, f, g, log_a, log_b, eps)
+    if with_grad:  # the same envelope tail as naive_torch_sinkhorn, eager
+        cost_x = half_squared_distances(x, y.detach())
+        cost_y = half_squared_distances(x.detach(), y)
+        f_last = -eps * torch.logsumexp(log_b.unsqueeze(1) + (g.unsqueeze(1) - cost_x) / eps, dim=2)
+        g_last = -eps * torch.logsumexp(log_a.unsqueeze(2) + (f.unsqueeze(2) - cost_y) / eps, dim=1)
+        f, g = f_last, g_last
+    return (a * f).sum(-1) + (b * g).sum(-1)
+
+
+_OTT_SOLVERS = {}
+
+
+def ott_solver(with_grad: bool, n_iters: int = N_ITERS):
+    """OTT-JAX's Sinkhorn on the same problem, ``jax.jit(jax.vmap(...))`` over the batch.
+
+    Its PointCloud cost |x - y|^2 is twice ours, so it solves ours at epsilon = 2 eps and
+    returns twice our value (and gradients); exactly ``n_iters`` iterations (min = max,
+    threshold -1); gradients by Danskin's theorem (``use_danskin``: the potentials are
+    constants), i.e. the envelope gradient, no backprop through the loop.
+    Returns ``solve(x, y, epsilon) -> value (B,)`` or ``-> (value, (grad_x, grad_y))``, on
+    jax arrays; epsilon is traced, so a new eps does not recompile.
+    """
+    key = (with_grad, n_iters)
+    if key not in _OTT_SOLVERS:
+        import jax
+        from ott.geometry import pointcloud
+        from ott.problems.linear import linear_problem
+        from ott.solvers.linear import sinkhorn
+
+        solver = sinkhorn.Sinkhorn(threshold=-1.0, min_iterations=n_iters, max_iterations=n_iters,
+                                   inner_iterations=1, lse_mode=True, use_danskin=True)
+
+        def value(x, y, epsilon):
+            geom = pointcloud.PointCloud(x, y, epsilon=epsilon)
+            return solver(linear_problem.LinearProblem(geom)).reg_ot_cost
+
+        one = jax.value_and_grad(value, argnums=(0, 1)) if with_grad else value
+        _OTT_SOLVERS[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    return _OTT_SOLVERS[key]
+
+
+def ott_sinkhorn(x, y, eps, with_grad, n_iters=N_ITERS):
+    """OTT-JAX on torch inputs: (value (B,), grads or None) as torch tensors in our units."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    solve = ott_solver(with_grad, n_iters)
+    xj, yj = jnp.asarray(x.detach().numpy()), jnp.asarray(y.detach().numpy())
+    out = solve(xj, yj, 2.0 * eps)
+    if with_grad:
+        value, (grad_x, grad_y) = out
+        grads = tuple(torch.from_numpy(np.array(t)) / 2 for t in (grad_x, grad_y))  # a writable copy
+        return torch.from_numpy(np.array(value)) / 2, grads
+    return torch.from_numpy(np.array(out)) / 2, None

@@ -10,10 +10,16 @@ Rules
   CUDA tensors, or, on CPU tensors, their emulation build once it is loaded
   (``GUIDER_FAST_CUDA_SIM=1``, which builds it at the first such dispatch, or
   ``guider_fast._cuda_build.load_extension(emulate=True)``; see that module).
+* ``backend="cpu"`` runs the CPU C++ extension (``csrc/cpu/``, ops
+  ``torch.ops.guider_fast_cpu.*``) on CPU tensors: fused, vectorised kernels, built by
+  ``pip install --no-build-isolation`` or just in time on request
+  (``GUIDER_FAST_CPU_JIT=1``; see ``guider_fast._cpu_build``).
 * ``backend="auto"`` takes, for the tensors' device, the first available of
-  ``triton``, ``cuda``, ``torch`` that implements the op; on CPU it is always
-  ``torch`` (the Triton interpreter and the CUDA emulation are test vehicles,
-  not fast paths).  Triton stays ahead of the CUDA C++ kernels until a GPU has
+  ``triton``, ``cuda``, ``torch`` that implements the op on CUDA tensors, and of
+  ``cpu``, ``torch`` on CPU tensors, where an op may also give its ``cpu``
+  implementation a size rule (``auto_rule``: where it was measured faster; see the
+  op's docstring).  The Triton interpreter and the CUDA emulation are test vehicles,
+  never taken by ``auto``.  Triton stays ahead of the CUDA C++ kernels until a GPU has
   measured them faster (``guider-fast bench``); ``backend="cuda"`` picks them.
 * ``GUIDER_FAST_BACKEND=<name>`` replaces ``"auto"`` (an explicit argument wins).
 * An explicitly requested backend that cannot run raises ``RuntimeError`` saying why.
@@ -29,8 +35,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cpu")
 _AUTO_ORDER = ("triton", "cuda", "torch")
+_CPU_AUTO_ORDER = ("cpu", "torch")
 
 # op name -> backend name -> implementation (kernel modules, and triton, are
 # imported by the implementations on first call, never at registration)
@@ -39,21 +46,26 @@ _REGISTRY: Dict[str, Dict[str, Callable]] = {}
 _DTYPES: Dict[str, Dict[str, Optional[tuple]]] = {}
 # op name -> backend name -> callable(problem) -> None or why the problem is out of reach
 _LIMITS: Dict[str, Dict[str, Optional[Callable]]] = {}
+# op name -> backend name -> callable(problem) -> whether ``auto`` takes it (None: always)
+_AUTO_RULES: Dict[str, Dict[str, Optional[Callable]]] = {}
 
 
 def register(op: str, backend: str, fn: Callable, dtypes: Optional[tuple] = None,
-             limits: Optional[Callable] = None) -> None:
+             limits: Optional[Callable] = None, auto_rule: Optional[Callable] = None) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``dtypes``: accepted input dtypes (None: any).  ``limits(problem)``: None when
     the implementation takes that problem (an op-specific tuple of sizes), else
-    the reason.
+    the reason.  ``auto_rule(problem)``: whether ``backend="auto"`` takes this
+    backend for that problem (None: whenever it can run it); only the CPU order
+    (``cpu``, ``torch``) consults it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = fn
     _DTYPES.setdefault(op, {})[backend] = dtypes
     _LIMITS.setdefault(op, {})[backend] = limits
+    _AUTO_RULES.setdefault(op, {})[backend] = auto_rule
 
 
 def registered_ops():
@@ -82,12 +94,21 @@ def _cuda_reason(device: torch.device) -> Optional[str]:
     return f"the CUDA extension needs CUDA tensors, got {device.type} tensors"
 
 
+def _cpu_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the CPU extension runs on CPU tensors, got {device.type} tensors"
+    from . import _cpu_build
+
+    return _cpu_build.reason()
+
+
 def unavailable_reason(op: str, backend: str, device: torch.device,
                        dtype: Optional[torch.dtype] = None, problem=None) -> Optional[str]:
     """None if ``backend`` can run ``op`` on ``device`` (for ``dtype`` and ``problem``), else why not."""
     if backend == "torch":
         return None
-    platform_reason = _triton_reason(device) if backend == "triton" else _cuda_reason(device)
+    platform = {"triton": _triton_reason, "cuda": _cuda_reason, "cpu": _cpu_reason}[backend]
+    platform_reason = platform(device)
     if platform_reason is not None:
         return platform_reason
     if backend not in _REGISTRY.get(op, {}):
@@ -121,10 +142,12 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
     choice = requested_backend(backend)
     impls = _REGISTRY.get(op, {})
     if choice == "auto":
-        order = ("torch",) if device.type == "cpu" else _AUTO_ORDER
+        order = _CPU_AUTO_ORDER if device.type == "cpu" else _AUTO_ORDER
         for name in order:
             if name in impls and unavailable_reason(op, name, device, dtype, problem) is None:
-                return name, impls[name]
+                rule = _AUTO_RULES.get(op, {}).get(name) if device.type == "cpu" else None
+                if rule is None or problem is None or rule(problem):
+                    return name, impls[name]
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch is always registered
     reason = unavailable_reason(op, choice, device, dtype, problem)
     if reason is not None:

@@ -48,6 +48,9 @@ def info(out=sys.stdout) -> int:
     else:
         sim_status = "not loaded (GUIDER_FAST_CUDA_SIM=1 builds it at first use; a test vehicle)"
     print(f"CUDA C++ emulation build (CPU tensors): {sim_status}", file=out)
+    from guider_fast import _cpu_build  # loads nothing here
+
+    print(f"CPU C++ extension (backend='cpu'): {_cpu_build.status()}", file=out)
     for device in devices:
         print(f"backends on {device}:", file=out)
         for name, reason in _dispatch.backend_report(device).items():

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _library, _library_cuda
+from . import _cpu_build, _dispatch, _library, _library_cuda
 from . import _validate as V
 from .kernels import ENVELOPE_MAX_FEATURES, SINKHORN_ONCHIP_MAX_POINTS
 from .reference import samples_loss as ref_samples
@@ -254,6 +254,51 @@ _dispatch.register("sinkhorn", "triton", _sinkhorn_triton,
                    dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
+def _cpu_envelope_point_gradients(x, y, a, b, f, g, eps, p, scale):
+    """EnvelopeValue's point gradients on the CPU extension: the reference's row blocks
+    (at most ENVELOPE_BLOCK_ELEMENTS plan entries), each cost block turned into plan
+    weights in place by one fused pass, then two BLAS products."""
+    ops = _cpu_build.ops()
+    with torch.no_grad():
+        x, y = x.detach().float(), y.detach().float()
+        batch, n, _ = x.shape
+        m = y.shape[1]
+        scale = scale.detach().float().reshape(batch).contiguous()
+        rows = max(1, min(n, ref_sinkhorn.ENVELOPE_BLOCK_ELEMENTS // max(1, batch * m)))
+        x_blocks, grad_y = [], torch.zeros_like(y)
+        for start in range(0, n, rows):
+            block = slice(start, start + rows)
+            xb = x[:, block]
+            weights = ref_sinkhorn.cost_matrix(xb, y, p)
+            rowsum, colsum = ops.plan_weights_(weights, a[:, block].float(), b.float(), f[:, block].float(),
+                                               g.float(), eps, p, scale)
+            x_blocks.append(torch.bmm(weights, y).neg_().addcmul_(rowsum.unsqueeze(2), xb))
+            grad_y.addcmul_(colsum.unsqueeze(2), y).sub_(torch.bmm(weights.transpose(1, 2), xb))
+            del weights
+        grad_x = x_blocks[0] if len(x_blocks) == 1 else torch.cat(x_blocks, dim=1)
+        return grad_x, grad_y
+
+
+def _sinkhorn_cpu(x, y, a, b, eps, p, n_iters, tol, grad):
+    """CPU C++ backend (float32): the reference's cost matrix, then every iteration of every
+    problem in one call (csrc/cpu/sinkhorn_cpu.cpp: each problem's cost stays in cache, the
+    exponentials are never stored, each problem stops on its own), and the fused envelope
+    backward."""
+    with torch.no_grad():
+        cost = ref_sinkhorn.cost_matrix(x.detach(), y.detach(), p)
+        f, g, error, iterations = _cpu_build.ops().sinkhorn(cost, a.detach(), b.detach(), eps, n_iters, tol)
+    del cost
+    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
+    if grad == "envelope":
+        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, _cpu_envelope_point_gradients)
+    else:
+        value = (a * f).sum(-1) + (b * g).sum(-1)
+    return value, state
+
+
+_dispatch.register("sinkhorn", "cpu", _sinkhorn_cpu, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+
+
 def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
              b: Optional[torch.Tensor] = None, *, eps: float, p: int = 2, n_iters: int = 100,
              tol: Optional[float] = None, grad: str = "envelope",
@@ -276,7 +321,11 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor] = None,
         final potentials (no backprop through the loop, O(B n m) transient memory);
         "autodiff": backprop through every iteration (memory grows with n_iters);
         "detach": no gradients.
-    backend : "auto" | "torch" | "triton" | "cuda" (see ``guider_fast._dispatch``).
+    backend : "auto" | "torch" | "triton" | "cuda" | "cpu" (see ``guider_fast._dispatch``).
+        On CPU tensors ``auto`` takes the CPU C++ extension (``"cpu"``, float32 and half
+        inputs; every size: measured faster than the torch path from one point and one
+        iteration up, benchmarks/results/sinkhorn_cpu.md) where it is built, else the
+        torch path; float64 always runs the torch path.
         On CUDA tensors ``auto`` takes Triton (float16/bfloat16/float32) and solves
         by the size rule of ``sinkhorn_regime``: on chip for n, m <= 256; a cost
         matrix built once when d > 512 and B*n*m fits in 1 GiB; otherwise cost
@@ -324,10 +373,12 @@ _dispatch.register("samples_loss", "torch", _samples_loss_torch)
 
 class _TritonSamplesLossValue(torch.autograd.Function):
     """GeomLoss's value from the kernel's extrapolated potentials; its gradients
-    (the last extrapolation's, as GeomLoss) rebuilt tile by tile, never a (B, n, m) plan."""
+    (the last extrapolation's, as GeomLoss) rebuilt tile by tile, never a (B, n, m) plan.
+    ``pull(u, v, f, h, weights, eps, p)``: the backward's soft-max-weighted cost gradient
+    (default: the Triton kernel; the CPU backend passes its own)."""
 
     @staticmethod
-    def forward(ctx, a, x, b, y, packed, eps, p, debias):
+    def forward(ctx, a, x, b, y, packed, eps, p, debias, pull=None):
         n, m = x.shape[1], y.shape[1]
         parts = torch.split(packed, [n, m, n, m] * (2 if debias else 1), dim=1)
         f_ba, g_ab, f_new, g_new = (t.to(x.dtype) for t in parts[:4])
@@ -340,6 +391,7 @@ class _TritonSamplesLossValue(torch.autograd.Function):
         ctx.save_for_backward(a, x, b, y, f_value, g_value)
         ctx.potentials = (f_ba, g_ab, f_new, g_new, f_aa, g_bb, f_aa_new, g_bb_new)
         ctx.eps, ctx.p, ctx.debias = eps, p, debias
+        ctx.pull = pull or _triton_pull
         return (a * f_value).sum(-1) + (b * g_value).sum(-1)
 
     @staticmethod
@@ -353,8 +405,7 @@ class _TritonSamplesLossValue(torch.autograd.Function):
         grad_x = grad_y = None
 
         def pull(u, v, f, h, weights):
-            return _library.weighted_cost_gradient(u.detach(), v.detach(), f / eps, h, scale * weights,
-                                                   eps, p, True, True)
+            return ctx.pull(u.detach(), v.detach(), f, h, scale * weights, eps, p)
 
         if ctx.needs_input_grad[1]:
             grad_x = pull(x, y, f_new, b_log + g_ab / eps, a)
@@ -368,7 +419,45 @@ class _TritonSamplesLossValue(torch.autograd.Function):
             grad_y = grad_y.to(y.dtype)
         grad_a = f_value * scale if ctx.needs_input_grad[0] else None
         grad_b = g_value * scale if ctx.needs_input_grad[2] else None
-        return grad_a, grad_x, grad_b, grad_y, None, None, None, None
+        return grad_a, grad_x, grad_b, grad_y, None, None, None, None, None
+
+
+def _triton_pull(u, v, f, h, weights, eps, p):
+    return _library.weighted_cost_gradient(u, v, f / eps, h, weights, eps, p, True, True)
+
+
+def _cpu_pull(u, v, f, h, weights, eps, p):
+    """scale_i sum_j softmax_j(h_j - C_ij/eps) grad_u C(u_i, v_j) on GeomLoss's cost: one fused
+    pass turns the cost into the weights in place, then one BLAS product (f is not needed:
+    the rows are normalised by their own log-sum-exp)."""
+    with torch.no_grad():
+        u, v = u.float(), v.float()
+        weights_matrix = ref_samples.geomloss_cost(u, v, p)
+        rowsum = _cpu_build.ops().softmax_weights_(weights_matrix, h.float(), weights.float(), eps, p)
+        # bmm then subtract: torch's CPU baddbmm of small batched matrices is ~20x slower than bmm.
+        return torch.bmm(weights_matrix, v).neg_().addcmul_(rowsum.unsqueeze(2), u)
+
+
+def _samples_loss_cpu(a, x, b, y, p, blur, scaling, debias, diameter):
+    """CPU C++ backend (float32): GeomLoss's costs built once (BLAS), then the annealed loop and
+    the last extrapolation of every problem in one call, each problem's costs kept in cache
+    (csrc/cpu/sinkhorn_cpu.cpp); the backward's weights from one fused pass per cost."""
+    if x.shape[1] == 1 and y.shape[1] == 1:
+        return ref_samples.one_point_divergence(a, x, b, y, p, debias)
+    eps_list = ref_samples.schedule(x, y, p, blur, scaling, diameter)
+    with torch.no_grad():
+        xd, yd, ad, bd = x.detach(), y.detach(), a.detach(), b.detach()
+        c_xy = ref_samples.geomloss_cost(xd, yd, p)
+        c_xx = ref_samples.geomloss_cost(xd, xd, p) if debias else None
+        c_yy = ref_samples.geomloss_cost(yd, yd, p) if debias else None
+        packed = _cpu_build.ops().samples_loss(c_xy, c_xx, c_yy, ad, bd, ref_samples.geomloss_log_weights(ad),
+                                               ref_samples.geomloss_log_weights(bd), eps_list)
+        del c_xy, c_xx, c_yy
+    return _TritonSamplesLossValue.apply(a, x, b, y, packed, eps_list[-1], p, debias, _cpu_pull)
+
+
+_dispatch.register("samples_loss", "cpu", _samples_loss_cpu,
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
 def _samples_loss_triton(a, x, b, y, p, blur, scaling, debias, diameter):

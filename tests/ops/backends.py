@@ -10,7 +10,7 @@ import torch
 
 from guider_fast import _dispatch
 
-BACKENDS = ["torch", "triton", "cuda"]
+BACKENDS = ["torch", "triton", "cuda", "cpu"]
 # Backends with fused kernels (everything but the torch reference): the ones the
 # torch.compile(fullgraph=True) contract and the kernel-only tests apply to.
 KERNEL_BACKENDS = [name for name in BACKENDS if name != "torch"]

@@ -55,6 +55,21 @@ def cuda_emulation(request):
     _cuda_build.deactivate_emulation()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_extension(request):
+    """The CPU C++ extension (backend="cpu"): the installed build, else a JIT build into
+    pytest's cache (~15-40 s once, then ninja's no-op).  GUIDER_FAST_TEST_CPU_EXT=0 leaves
+    it out: the "cpu" tests then skip with the dispatcher's reason."""
+    from guider_fast import _cpu_build
+
+    if os.environ.get("GUIDER_FAST_TEST_CPU_EXT", "1") == "0" or _cpu_build.loaded() is not None:
+        yield
+        return
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    _cpu_build.load(build=True, build_dir=cache.mkdir("gf_cpu") / "ext" if cache is not None else None)
+    yield
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("cuda_only") is None:
         return

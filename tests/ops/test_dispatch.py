@@ -21,12 +21,14 @@ Y = torch.randn(2, 5, 3)
 
 @pytest.fixture
 def no_test_vehicles(monkeypatch):
-    """CPU tensors as a user's machine sees them: no Triton interpreter, no CUDA emulation build."""
-    from guider_fast import _cuda_build
+    """CPU tensors as a user's machine sees them: no Triton interpreter, no CUDA emulation build,
+    no CPU extension built."""
+    from guider_fast import _cpu_build, _cuda_build
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("GUIDER_FAST_CUDA_SIM", raising=False)
     monkeypatch.setitem(_cuda_build._STATE, "sim", None)
+    monkeypatch.setitem(_cpu_build._STATE, "hidden", True)
 
 
 def _dbpr_args(device="cpu"):
@@ -35,22 +37,40 @@ def _dbpr_args(device="cpu"):
 
 
 def test_auto_takes_the_first_available_backend(device):
-    """On CPU ``auto`` is always torch; on CUDA the first backend of the dispatcher's order that can run."""
+    """``auto`` takes the first backend of the device's order that can run the op (CPU: cpu, torch;
+    CUDA: triton, cuda, torch); without a problem size no size rule applies."""
+    order = _dispatch._CPU_AUTO_ORDER if device.type == "cpu" else _dispatch._AUTO_ORDER
     for op in _dispatch.registered_ops():
         name, _ = _dispatch.resolve(op, "auto", device, torch.float32)
-        if device.type == "cpu":
-            assert name == "torch", op
-        else:
-            available = [b for b in _dispatch._AUTO_ORDER
-                         if b in _dispatch._REGISTRY[op] and reason(op, b, device, torch.float32) is None]
-            assert name == available[0], op
+        available = [b for b in order
+                     if b in _dispatch._REGISTRY[op] and reason(op, b, device, torch.float32) is None]
+        assert name == available[0], op
+
+
+def test_auto_on_cpu_follows_the_size_rule_and_never_takes_test_vehicles(no_test_vehicles):
+    """Without the CPU extension, auto on CPU is torch; with it, the cpu backend's size rule decides."""
+    from guider_fast import _cpu_build
+
+    cpu = torch.device("cpu")
+    for op in _dispatch.registered_ops():
+        assert _dispatch.resolve(op, "auto", cpu, torch.float32, problem=(64, 64, 16))[0] == "torch", op
+    _cpu_build.hide(False)
+    if _cpu_build.reason() is not None:
+        pytest.skip(f"the CPU extension is not available: {_cpu_build.reason()}")
+    for op in ("sinkhorn", "samples_loss"):
+        rule = _dispatch._AUTO_RULES[op]["cpu"]
+        for problem in ((1, 1, 3), (7, 13, 5), (32, 32, 64), (2048, 2048, 64)):
+            want = "cpu" if rule is None or rule(problem) else "torch"
+            assert _dispatch.resolve(op, "auto", cpu, torch.float32, problem=problem)[0] == want, (op, problem)
+        # float64 stays on the torch reference (the extension computes in float32).
+        assert _dispatch.resolve(op, "auto", cpu, torch.float64, problem=(32, 32, 64))[0] == "torch"
 
 
 def test_auto_on_a_gpu_runs_the_kernels(device):
     """Where a kernel backend is available, sinkhorn under ``auto`` runs it: per-problem
     stopping (a lazily read iteration count) instead of the torch loop's int."""
     if device.type == "cpu":
-        pytest.skip("auto is torch on CPU")
+        pytest.skip("a GPU test: on CPU auto takes the cpu extension or torch (test_auto_on_cpu_follows_the_size_rule...)")
     x = torch.randn(32, 40, 16, device=device)
     y = torch.randn(32, 24, 16, device=device)
     res = gf.sinkhorn(x, y, eps=0.5, n_iters=2000, tol=1e-6)
@@ -150,7 +170,8 @@ def test_cli_info_lists_backends_and_reasons():
     assert f"guider_fast {gf.__version__}" in text
     assert "torch   available" in text
     backend_lines = text.split("backends on cpu:", 1)[1].splitlines()
-    for name in ("triton", "cuda"):
+    assert "CPU C++ extension" in text
+    for name in ("triton", "cuda", "cpu"):
         line = next(l for l in backend_lines if l.strip().startswith(name + " "))
         status = line.split(None, 1)[1]
         assert status == "available" or (status.startswith("unavailable: ")
