@@ -1,5 +1,7 @@
 """One DBPR training step (forward + backward + update) on CPU, one thread: guider_fast.dbpr_step
-against dense autograd, torch.compile, sparse embeddings and ``implicit``'s BPR.
+(the C++ CPU extension, backend "cpu", and the torch step) against dense autograd,
+torch.compile, sparse embeddings and ``implicit``'s BPR, next to the step's memory floor
+(``dbpr_floor.cpp``: every row of every triplet read and written back, nothing else).
 
 Run (from the repository root; ~2-3 min):
 
@@ -13,7 +15,9 @@ step (torch.compile compiles there, implicit initialises its factors), then
 every torch contender is checked against ``guider_fast.dbpr_step`` (same loss;
 same updated tables for the SGD contenders).  extra_info carries triplets/s,
 the effective GB/s and its fraction of the 23 GB/s floor
-(``dbpr_contenders.bytes_per_triplet``).
+(``dbpr_contenders.bytes_per_triplet``).  pytest-benchmark times one contender after the
+other; ``python benchmarks/dbpr_contenders.py interleaved`` times the step contenders
+round-robin in one process, which is what to quote on a shared machine.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def measure_step(benchmark):
                     dim=shape.dim, batch=shape.batch, k=shape.k, graph=shape.graph or "uniform",
                     triplets=triplets, bytes_per_triplet=per_triplet,
                     floor_triplets_per_s=C.FLOOR_GBPS * 1e9 / per_triplet,
-                    torch_threads=torch.get_num_threads())
+                    torch_threads=torch.get_num_threads(), huge_pages=shape.huge_pages)
         benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
         stats = getattr(benchmark, "stats", None)
         if stats is not None:  # absent with --benchmark-disable
@@ -62,6 +66,15 @@ def test_dbpr_step(measure_step, shape, contender):
             import implicit.cpu.bpr  # noqa: F401
         except ImportError as error:
             pytest.skip(f"implicit is not installed ({error})")
+    if contender in (C.GF_CPU_SGD, C.GF_CPU_ADAGRAD):
+        missing = C.cpu_extension_missing()
+        if missing is not None:
+            pytest.skip(f"the CPU extension is not available: {missing}")
+    if contender == C.FLOOR:
+        try:
+            C.floor_module()
+        except Exception as error:  # no compiler: the floor is a measurement, not a requirement
+            pytest.skip(f"dbpr_floor.cpp does not build here: {error}")
     problem = C.make_problem(shape)
     if shape not in _CHECKED:
         C.check_same_work(problem, shape.contenders)

@@ -8,6 +8,13 @@ training: one batch repeated lets the branch predictor learn its sort).  The con
 
 * ``guider_fast sgd`` / ``guider_fast rowwise_adagrad``: ``guider_fast.dbpr_step``
   (backend "torch", value checks on, as by default);
+* ``guider_fast cpu sgd`` / ``guider_fast cpu rowwise_adagrad``: the same with
+  backend "cpu", the C++ CPU extension (``csrc/cpu/dbpr_step_cpu.cpp``; what
+  ``backend="auto"`` takes on CPU when the extension is there; built just in time here if
+  it is not installed, skipped if it cannot be);
+* ``floor: read+write each row (C++)``: not a step but its memory floor: for each triplet,
+  read its K + 2 rows and write them back (``dbpr_floor.cpp``), with the fastest of a
+  few prefetch distances (chosen untimed); every exact step moves at least these bytes;
 * ``guider_fast dbpr_loss + dense SGD``: ``guider_fast.dbpr_loss`` forward and
   backward into dense gradient tables, then ``torch.optim.SGD``;
 * ``naive torch + dense SGD``: ``baselines.naive_dbpr_loss`` (gather, multiply,
@@ -28,7 +35,8 @@ training: one batch repeated lets the branch predictor learn its sort).  The con
   contenders do.  One thread (``num_threads=1``).
 
 Workloads: uniform random indices on synthetic tables (Amazon Baby size,
-20k x 7k, and 100k users x 1M items), and the real Amazon Baby / Sports
+20k x 7k, and 100k users x 1M items; the latter also with its tables on transparent
+huge pages, ``huge_pages=True``: ``huge_page_copy``), and the real Amazon Baby / Sports
 training interactions (``x_label == 0`` rows of the ``.inter`` files under
 ``$GUIDER_DATA``; skipped where it is not set): a batch draws ``batch``
 (user, positive) pairs uniformly from them (repeats included, as a training
@@ -42,6 +50,13 @@ Command line (from the repository root):
 
     python benchmarks/dbpr_contenders.py report RUN.json
         # markdown tables of a pytest-benchmark JSON file (or results rows)
+    python benchmarks/dbpr_contenders.py interleaved [--rounds N] [--all]
+        # the step contenders (and the floor) timed round-robin in one process, each
+        # round calling each once: 100k x 1M, D = 64, B = 65,536 on 4 KiB and huge
+        # pages (--all: every shape); medians, best rounds, floor share, vs implicit
+    python benchmarks/dbpr_contenders.py floor [--rounds N]
+        # the row-traffic floor at 100k x 1M, D = 64, B = 65,536: read-only and
+        # read+write sweeps at several prefetch distances, 4 KiB and huge pages, memcpy
     python benchmarks/dbpr_contenders.py before-after OLD_DBPR_STEP.py [--rounds N]
         # dbpr_step before/after: an older guider_fast/reference/dbpr_step.py
         # (e.g. from `git show REV:guider_fast/reference/dbpr_step.py`) against
@@ -80,13 +95,16 @@ GRAPH_FILES = {"baby": "amazon_baby/baby.inter", "sports": "amazon_sports/sports
 
 BASELINE = "guider_fast sgd"
 GF_SGD, GF_ADAGRAD = BASELINE, "guider_fast rowwise_adagrad"
+GF_CPU_SGD, GF_CPU_ADAGRAD = "guider_fast cpu sgd", "guider_fast cpu rowwise_adagrad"
 GF_DENSE = "guider_fast dbpr_loss + dense SGD"
 NAIVE = "naive torch + dense SGD"
 COMPILED = "torch.compile hand-derived step"
 SPARSE = "nn.Embedding(sparse) + SparseAdam"
 IMPLICIT = "implicit BPR (1 epoch)"
-ALL = (GF_SGD, GF_ADAGRAD, GF_DENSE, NAIVE, COMPILED, SPARSE, IMPLICIT)
-STEPS = (GF_SGD, GF_ADAGRAD, COMPILED, IMPLICIT)  # no dense gradient tables
+FLOOR = "floor: read+write each row (C++)"
+ALL = (GF_CPU_SGD, GF_CPU_ADAGRAD, GF_SGD, GF_ADAGRAD, GF_DENSE, NAIVE, COMPILED, SPARSE, IMPLICIT, FLOOR)
+STEPS = (GF_CPU_SGD, GF_CPU_ADAGRAD, GF_SGD, GF_ADAGRAD, COMPILED, IMPLICIT, FLOOR)  # no dense gradients
+SGD_STEPS = (GF_SGD, GF_CPU_SGD, GF_DENSE, NAIVE, COMPILED)  # same update: checked for the same tables
 DENSE = (GF_DENSE, NAIVE)
 
 
@@ -100,16 +118,19 @@ class Shape:
     graph: Optional[str] = None  # None: uniform indices; else a key of GRAPH_FILES
     rounds: int = 10
     contenders: Tuple[str, ...] = ALL
+    huge_pages: bool = False  # the tables on transparent huge pages (huge_page_copy)
 
     @property
     def name(self) -> str:
-        return f"{self.graph or 'uniform'}_{self.n_users}x{self.n_items}_D{self.dim}_B{self.batch}_K{self.k}"
+        thp = "_thp" if self.huge_pages else ""
+        return f"{self.graph or 'uniform'}_{self.n_users}x{self.n_items}_D{self.dim}_B{self.batch}_K{self.k}{thp}"
 
     @property
     def label(self) -> str:
         source = f"Amazon {self.graph.capitalize()} interactions" if self.graph else "uniform indices"
+        pages = ", tables on huge pages" if self.huge_pages else ""
         return (f"{self.n_users:,} users x {self.n_items:,} items, D={self.dim}, B={self.batch:,}, "
-                f"K={self.k}, {source}")
+                f"K={self.k}, {source}{pages}")
 
     def rounds_for(self, contender: str) -> int:
         # Dense-gradient contenders touch every row of the 1M-item table each step.
@@ -155,6 +176,7 @@ def _shapes():
     shapes += [
         Shape(100_000, 1_000_000, 64, 2_048, rounds=20),
         Shape(100_000, 1_000_000, 64, 65_536, rounds=8),
+        Shape(100_000, 1_000_000, 64, 65_536, rounds=8, contenders=STEPS, huge_pages=True),
         Shape(100_000, 1_000_000, 64, 1_048_576, rounds=3, contenders=STEPS),
         Shape(100_000, 1_000_000, 256, 65_536, rounds=4, contenders=STEPS),
     ]
@@ -162,6 +184,63 @@ def _shapes():
 
 
 SHAPES = _shapes()
+
+
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_HUGE_PAGE = 2 << 20
+
+
+def huge_page_copy(table: torch.Tensor) -> torch.Tensor:
+    """A copy of ``table`` whose 2 MiB-aligned memory is advised for transparent huge pages
+    before it is first touched (Linux ``madvise(MADV_HUGEPAGE)``; the THP mode here is
+    "madvise", and torch's allocator advises nothing unless THP_MEM_ALLOC_ENABLE=1).
+    Random rows of a 256 MB table on 4 KiB pages miss the TLB on nearly every access;
+    on 2 MiB pages they do not.  Elsewhere: a plain copy."""
+    elem = table.element_size()
+    raw = torch.empty(table.numel() + _HUGE_PAGE // elem, dtype=table.dtype)  # untouched pages
+    offset = (-raw.data_ptr()) % _HUGE_PAGE // elem
+    out = raw[offset:offset + table.numel()].view(table.shape)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        length = table.numel() * elem // _HUGE_PAGE * _HUGE_PAGE
+        if length:
+            libc.madvise(out.data_ptr(), length, _MADV_HUGEPAGE)  # advice: failure leaves 4 KiB pages
+    return out.copy_(table)
+
+
+def huge_pages_mib() -> float:
+    """This process's anonymous memory on transparent huge pages (Linux), in MiB."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def floor_module():
+    """benchmarks/dbpr_floor.cpp, built for this machine (cached by torch's extension builder)."""
+    from torch.utils.cpp_extension import load
+
+    return load("guider_fast_dbpr_floor", [str(Path(__file__).with_name("dbpr_floor.cpp"))],
+                extra_cflags=["-O3", "-march=native"], verbose=False)
+
+
+def cpu_extension_missing() -> Optional[str]:
+    """None once the CPU extension is loaded (installed, or built just in time now), else why not."""
+    from guider_fast import _cpu_build
+
+    try:
+        _cpu_build.load(build=True)
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 @dataclass
@@ -242,6 +321,8 @@ def make_problem(shape: Shape) -> Problem:
     if codes.shape[0] > b:
         codes = rng.choice(codes, b, replace=False)
     implicit_pairs = (codes // shape.n_items, codes % shape.n_items)
+    if shape.huge_pages:
+        user_table, item_table = huge_page_copy(user_table), huge_page_copy(item_table)
     problem = Problem(shape, user_table, item_table, batches, implicit_pairs)
     _PROBLEM_CACHE[shape] = problem
     return problem
@@ -252,31 +333,38 @@ def make_problem(shape: Shape) -> Problem:
 # --------------------------------------------------------------------------
 
 COMPILED_STEP = None
+FLOOR_AHEAD = (0, 4, 8, 16, 32)  # prefetch distances the floor contender chooses from
+
+
+def copy_tables(problem: Problem) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fresh copies of the problem's tables, on huge pages where the shape asks for them."""
+    copy = huge_page_copy if problem.shape.huge_pages else torch.Tensor.clone
+    return copy(problem.user_table), copy(problem.item_table)
 
 
 def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
     """(step, triplets per call); each contender owns fresh copies of the tables."""
     global COMPILED_STEP
     p = problem
-    if contender in (GF_SGD, GF_ADAGRAD):
-        user_table, item_table = p.user_table.clone(), p.item_table.clone()
-        if contender == GF_SGD:
+    if contender in (GF_SGD, GF_ADAGRAD, GF_CPU_SGD, GF_CPU_ADAGRAD):
+        user_table, item_table = copy_tables(p)
+        backend = "cpu" if contender in (GF_CPU_SGD, GF_CPU_ADAGRAD) else "torch"
+        if contender in (GF_SGD, GF_CPU_SGD):
             def one(b):
                 return guider_fast.dbpr_step(user_table, item_table, b.users, b.pos_items, b.neg_items,
-                                             b.weights, lr=LR, backend="torch")
+                                             b.weights, lr=LR, backend=backend)
         else:
             state = guider_fast.RowwiseAdagradState(user_table, item_table)
 
             def one(b):
                 return guider_fast.dbpr_step(user_table, item_table, b.users, b.pos_items, b.neg_items,
                                              b.weights, lr=LR, optimizer="rowwise_adagrad", state=state,
-                                             backend="torch")
+                                             backend=backend)
         step = rotating(one, p.batches)
         step.tables = (user_table, item_table)
         return step, p.shape.batch
     if contender in DENSE:
-        user_emb = torch.nn.Parameter(p.user_table.clone())
-        item_emb = torch.nn.Parameter(p.item_table.clone())
+        user_emb, item_emb = (torch.nn.Parameter(t) for t in copy_tables(p))
         optimizer = torch.optim.SGD([user_emb, item_emb], lr=LR)
         loss_fn = guider_fast.dbpr_loss if contender == GF_DENSE else naive_dbpr_loss
 
@@ -292,7 +380,7 @@ def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
     if contender == COMPILED:
         if COMPILED_STEP is None:
             COMPILED_STEP = compile_hand_derived(hand_derived_step, dynamic=False)
-        user_table, item_table = p.user_table.clone(), p.item_table.clone()
+        user_table, item_table = copy_tables(p)
 
         def one(b):
             return COMPILED_STEP(user_table, item_table, b.users, b.pos_items, b.negatives_2d,
@@ -301,8 +389,9 @@ def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
         step.tables = (user_table, item_table)
         return step, p.shape.batch
     if contender == SPARSE:
-        user_emb = torch.nn.Embedding.from_pretrained(p.user_table.clone(), freeze=False, sparse=True)
-        item_emb = torch.nn.Embedding.from_pretrained(p.item_table.clone(), freeze=False, sparse=True)
+        user_copy, item_copy = copy_tables(p)
+        user_emb = torch.nn.Embedding.from_pretrained(user_copy, freeze=False, sparse=True)
+        item_emb = torch.nn.Embedding.from_pretrained(item_copy, freeze=False, sparse=True)
         optimizer = torch.optim.SparseAdam(list(user_emb.parameters()) + list(item_emb.parameters()),
                                            lr=SPARSE_ADAM_LR)
 
@@ -331,6 +420,25 @@ def build(contender: str, problem: Problem) -> Tuple[Callable[[], object], int]:
         def step():
             model.fit(matrix, show_progress=False)  # one epoch = matrix.nnz triplets
         return step, int(matrix.nnz)
+    if contender == FLOOR:
+        floor = floor_module()
+        user_table, item_table = copy_tables(p)
+        batches = [(b.users, b.pos_items, b.negatives_2d.contiguous()) for b in p.batches]
+
+        def sweep(ahead):
+            return rotating(lambda b: floor.rmw(user_table, item_table, *b, ahead), batches)
+
+        timings = {}
+        for ahead in FLOOR_AHEAD:  # untimed choice of the prefetch distance
+            run = sweep(ahead)
+            run()
+            start = time.perf_counter()
+            for _ in range(2):
+                run()
+            timings[ahead] = time.perf_counter() - start
+        step = sweep(min(timings, key=timings.get))
+        step.tables = (user_table, item_table)
+        return step, p.shape.batch
     raise ValueError(f"unknown contender {contender!r}")
 
 
@@ -340,12 +448,14 @@ def check_same_work(problem: Problem, contenders) -> None:
     want_loss = float(ref_step().detach())
     want_user, want_item = ref_step.tables
     for contender in contenders:
-        if contender in (GF_SGD, IMPLICIT):
+        if contender in (GF_SGD, IMPLICIT, FLOOR):
+            continue
+        if contender in (GF_CPU_SGD, GF_CPU_ADAGRAD) and cpu_extension_missing() is not None:
             continue
         step, _ = build(contender, problem)
         loss = float(step().detach())
         assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (contender, loss, want_loss)
-        if contender in (GF_ADAGRAD, SPARSE):
+        if contender not in SGD_STEPS:
             continue  # other optimizers: same loss is the check
         for name, got, want in zip(("user", "item"), step.tables, (want_user, want_item)):
             err = (got - want).abs().max().item()
@@ -441,9 +551,112 @@ def before_after(path: str, rounds: int = 10) -> str:
     return "\n".join(lines)
 
 
+INTERLEAVED = (GF_CPU_SGD, GF_CPU_ADAGRAD, GF_SGD, COMPILED, IMPLICIT, FLOOR)
+
+
+def interleaved(rounds: int = 12, every_shape: bool = False) -> str:
+    """Markdown: each shape's step contenders timed round-robin (one call each per round)."""
+    torch.set_num_threads(1)
+    shapes = [s for s in SHAPES if s.n_users and (every_shape or (s.n_items == 1_000_000 and s.dim == 64
+                                                                  and s.batch == 65_536))]
+    lines = ["| shape | contender | median ms | best ms | M trip/s (median) | M trip/s (best) "
+             "| floor % (median) | vs floor | vs implicit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape in shapes:
+        problem = make_problem(shape)
+        runners = {}
+        for contender in INTERLEAVED:
+            if contender == IMPLICIT and importlib.util.find_spec("implicit") is None:
+                print(f"skipped {contender}: implicit is not installed", file=sys.stderr)
+                continue
+            if contender in (GF_CPU_SGD, GF_CPU_ADAGRAD) and cpu_extension_missing() is not None:
+                print(f"skipped {contender}: {cpu_extension_missing()}", file=sys.stderr)
+                continue
+            if contender == COMPILED and shape.batch > 65_536:
+                continue
+            runners[contender] = build(contender, problem)
+        for step, _ in runners.values():
+            step()  # warm-up (torch.compile compiles, implicit initialises)
+        times = {name: [] for name in runners}
+        for _ in range(rounds if shape.batch <= 65_536 else max(3, rounds // 4)):
+            for name, (step, _) in runners.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        rate = {name: runners[name][1] / sorted(t)[len(t) // 2] for name, t in times.items()}
+        per_triplet = bytes_per_triplet(shape.dim, shape.k)
+        pages = f"huge pages: {huge_pages_mib():,.0f} MiB in use" if shape.huge_pages else "4 KiB pages"
+        for name, values in times.items():
+            median, best = sorted(values)[len(values) // 2], min(values)
+            triplets = runners[name][1]
+            vs_floor = f"{rate[name] / rate[FLOOR]:.2f}" if FLOOR in rate else ""
+            vs_implicit = f"{rate[name] / rate[IMPLICIT]:.2f}" if IMPLICIT in rate else ""
+            lines.append(f"| {shape.label} ({pages}) | {name} | {median * 1e3:.2f} | {best * 1e3:.2f} "
+                         f"| {triplets / median / 1e6:.2f} | {triplets / best / 1e6:.2f} "
+                         f"| {100 * triplets * per_triplet / median / 1e9 / FLOOR_GBPS:.1f} "
+                         f"| {vs_floor} | {vs_implicit} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+        del runners
+        _PROBLEM_CACHE.clear()
+        gc.collect()
+    return "\n".join(lines)
+
+
+def floor_table(rounds: int = 8) -> str:
+    """Markdown: the row-traffic floor at 100k x 1M, D = 64, B = 65,536 (K = 1), in detail."""
+    torch.set_num_threads(1)
+    floor = floor_module()
+    shape = Shape(100_000, 1_000_000, 64, 65_536)
+    problem = make_problem(shape)
+    batches = [(b.users, b.pos_items, b.negatives_2d.contiguous()) for b in problem.batches]
+    tables = {"4 KiB pages": (problem.user_table.clone(), problem.item_table.clone()),
+              "huge pages": (huge_page_copy(problem.user_table), huge_page_copy(problem.item_table))}
+    runs = {}
+    for pages, (user, item) in tables.items():
+        for kind in ("gather", "rmw"):
+            for ahead in FLOOR_AHEAD:
+                runs[(pages, kind, ahead)] = rotating(
+                    lambda b, f=getattr(floor, kind), u=user, i=item, a=ahead: f(u, i, *b, a), batches)
+        runs[(pages, "index_select", None)] = rotating(
+            lambda b, u=user, i=item: (u.index_select(0, b[0]), i.index_select(0, b[1]),
+                                       i.index_select(0, b[2].reshape(-1))), batches)
+    times = {key: [] for key in runs}
+    for run in runs.values():
+        run()
+    for _ in range(rounds * len(batches)):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    source, target = torch.randn(64 << 18), torch.empty(64 << 18)  # 64 MiB each
+    copies = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        target.copy_(source)
+        copies.append(time.perf_counter() - start)
+    per_triplet = bytes_per_triplet(shape.dim, shape.k)
+    lines = [f"Row traffic of B = {shape.batch:,} triplets (K = 1) on {shape.label}, 1 thread; "
+             f"huge pages in use: {huge_pages_mib():,.0f} MiB; memcpy of 64 MiB (torch copy_): "
+             f"{2 * source.nbytes / sorted(copies)[len(copies) // 2] / 1e9:.1f} GB/s read + write.", "",
+             "| pages | sweep | prefetch (triplets ahead) | median ms | M trip/s (median) | M trip/s (best) "
+             "| GB/s at 1,560 B/triplet |", "|---|---|---:|---:|---:|---:|---:|"]
+    names = {"gather": "read rows", "rmw": "read + write rows", "index_select": "torch index_select x3"}
+    for (pages, kind, ahead), values in times.items():
+        median, best = sorted(values)[len(values) // 2], min(values)
+        lines.append(f"| {pages} | {names[kind]} | {'' if ahead is None else ahead} | {median * 1e3:.2f} "
+                     f"| {shape.batch / median / 1e6:.2f} | {shape.batch / best / 1e6:.2f} "
+                     f"| {shape.batch * per_triplet / median / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     if len(argv) >= 2 and argv[0] == "report":
         print(report(argv[1]))
+    elif argv and argv[0] in ("interleaved", "floor"):
+        rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else None
+        if argv[0] == "floor":
+            print(floor_table(rounds or 8))
+        else:
+            print(interleaved(rounds or 12, "--all" in argv))
     elif len(argv) >= 2 and argv[0] == "before-after":
         rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 10
         print(before_after(argv[1], rounds))
