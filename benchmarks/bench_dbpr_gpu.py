@@ -62,7 +62,7 @@ import guider_fast as gf
 import runner
 from baselines import (compile_hand_derived, hand_derived_fwd_bwd, hand_derived_step, naive_dbpr_loss,
                        relative_error)
-from guider_fast import _cuda_build, _dispatch, bench
+from guider_fast import _dispatch, bench
 from runner import Env, cleanup, describe, first_call, free_bytes, timed
 
 # ----------------------------------------------------------------------------- sizes
@@ -765,23 +765,6 @@ def finish(args):
     return done
 
 
-def smoke_cuda_emulation():
-    """--smoke: the cuda contenders run through the CUDA C++ emulation build on CPU tensors.
-
-    Built here, once, before the sections start (about a minute cold, seconds warm), so that
-    no worker spends its budget on it; the workers inherit GUIDER_FAST_CUDA_SIM=1 and load it
-    at their first cuda dispatch.  A failed build is printed, and the cuda contenders are then
-    skipped with the dispatcher's reason (instead of every worker retrying the build).
-    """
-    os.environ["GUIDER_FAST_CUDA_SIM"] = "1"
-    try:
-        print(f"smoke: CUDA C++ emulation build {_cuda_build.build_emulation()}", flush=True)
-    except Exception as exc:
-        print(f"smoke: the CUDA C++ emulation build failed, cuda contenders will be skipped: {describe(exc)}",
-              flush=True)
-        os.environ["GUIDER_FAST_CUDA_SIM"] = "0"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_arguments(parser, default_budget=135.0)
@@ -792,7 +775,7 @@ def main():
         print(plan())
         return 0
     if Env.smoke and not args.worker:
-        smoke_cuda_emulation()
+        runner.smoke_cuda_emulation()
     if not args.worker and not Env.smoke and not torch.cuda.is_available():
         print("bench_dbpr_gpu.py: no CUDA device here; nothing measured (--smoke runs tiny sizes on CPU, "
               "--plan prints the matrix)", file=sys.stderr)

@@ -42,7 +42,7 @@ import torch
 import guider_fast as gf
 import runner
 from baselines import N_ITERS, fixed_eps, geomloss_sinkhorn, peer_missing, pot_sinkhorn, relative_error
-from guider_fast import _cuda_build, _dispatch
+from guider_fast import _dispatch
 from runner import Env, cleanup, describe, first_call
 
 WORKLOADS = [(4096, 32, 32, 64), (1024, 64, 64, 64), (256, 256, 256, 64),
@@ -299,23 +299,6 @@ def finish(args):
     return done
 
 
-def smoke_cuda_emulation():
-    """--smoke: the cuda contender runs through the CUDA C++ emulation build on CPU tensors.
-
-    Built here, once, before the sections start (about a minute cold, seconds warm), so that
-    no worker spends its budget on it; the workers inherit GUIDER_FAST_CUDA_SIM=1 and load it
-    at their first cuda dispatch.  A failed build is printed, and the cuda contender is then
-    skipped with the dispatcher's reason (instead of every worker retrying the build).
-    """
-    os.environ["GUIDER_FAST_CUDA_SIM"] = "1"
-    try:
-        print(f"smoke: CUDA C++ emulation build {_cuda_build.build_emulation()}", flush=True)
-    except Exception as exc:
-        print(f"smoke: the CUDA C++ emulation build failed, the cuda contender will be skipped: {describe(exc)}",
-              flush=True)
-        os.environ["GUIDER_FAST_CUDA_SIM"] = "0"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_arguments(parser, default_budget=135.0)
@@ -337,7 +320,7 @@ def main():
               f"{list(MODES)} ({CUDA}: n, m <= 32 only)")
         return 0
     if Env.smoke and not args.worker:
-        smoke_cuda_emulation()
+        runner.smoke_cuda_emulation()
     if not args.worker and not Env.smoke and not torch.cuda.is_available():
         print("bench_gpu.py: no CUDA device here; nothing measured (--smoke runs tiny sizes on CPU, "
               "--plan prints the matrix)", file=sys.stderr)

@@ -354,3 +354,22 @@ def stamp(rows: List[dict]) -> List[dict]:
         row.setdefault("commit", facts["commit"])
         row.setdefault("date", facts["date"])
     return rows
+
+
+def smoke_cuda_emulation():
+    """--smoke: the cuda contenders run through the CUDA C++ emulation build on CPU tensors.
+
+    Built here, once, before the sections start (about a minute cold, seconds warm), so that
+    no worker spends its budget on it; the workers inherit GUIDER_FAST_CUDA_SIM=1 and load it
+    at their first cuda dispatch.  A failed build is printed, and the cuda contenders are then
+    skipped with the dispatcher's reason (instead of every worker retrying the build).
+    """
+    from guider_fast import _cuda_build
+
+    os.environ["GUIDER_FAST_CUDA_SIM"] = "1"
+    try:
+        print(f"smoke: CUDA C++ emulation build {_cuda_build.build_emulation()}", flush=True)
+    except Exception as exc:
+        print(f"smoke: the CUDA C++ emulation build failed, cuda contenders will be skipped: {describe(exc)}",
+              flush=True)
+        os.environ["GUIDER_FAST_CUDA_SIM"] = "0"

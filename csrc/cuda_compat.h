@@ -14,3 +14,10 @@
 // The block's dynamic shared memory as `type* name`.
 #define GF_EXTERN_SHARED(type, name) extern __shared__ type name[]
 #endif
+
+// Full unrolling keeps small per-thread arrays in registers under nvcc (g++ has no use for it).
+#ifdef __CUDACC__
+#define GF_UNROLL _Pragma("unroll")
+#else
+#define GF_UNROLL
+#endif

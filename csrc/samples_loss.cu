@@ -55,12 +55,6 @@ namespace guider_fast {
 namespace cuda {
 namespace {
 
-#ifdef __CUDACC__
-#define GF_UNROLL _Pragma("unroll")
-#else
-#define GF_UNROLL
-#endif
-
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = static_cast<int>(kSamplesLossMaxPoints);
 constexpr int kChains = 4;

@@ -25,13 +25,6 @@ namespace guider_fast {
 namespace cuda {
 namespace {
 
-// Full unrolling keeps the kTile-arrays in registers under nvcc (g++ has no use for it).
-#ifdef __CUDACC__
-#define GF_UNROLL _Pragma("unroll")
-#else
-#define GF_UNROLL
-#endif
-
 constexpr int kWarp = 32;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 4;  // problems per block

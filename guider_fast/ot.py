@@ -182,6 +182,20 @@ def sinkhorn_regime(batch: int, n: int, m: int, d: int) -> str:
     return "streamed"
 
 
+def _kernel_result(x, y, a, b, solved, eps, p, grad, point_gradients):
+    """``(value, state)`` from a kernel's ``(f, g, marginal_error, iterations)``: the value
+    carries envelope gradients from ``point_gradients`` (None: the reference's row blocks)."""
+    f, g, error, iterations = solved
+    f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
+    # Kernels stop problems one by one: n_iters is the longest run, read on first access.
+    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
+    if grad == "envelope":
+        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, point_gradients)
+    else:
+        value = (a * f).sum(-1) + (b * g).sum(-1)
+    return value, state
+
+
 def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
     """Triton backend: regime by ``sinkhorn_regime``; envelope gradients from the
     tile-wise Triton kernel (d <= 256) or the reference's row-blocked backward, so
@@ -191,18 +205,20 @@ def _sinkhorn_triton(x, y, a, b, eps, p, n_iters, tol, grad):
         return _sinkhorn_torch(x, y, a, b, eps, p, n_iters, tol, grad)
     solve = _library.sinkhorn_onchip if regime == "onchip" else _library.sinkhorn_streamed
     with torch.no_grad():
-        f, g, error, iterations = solve(x.detach(), y.detach(), a.detach(), b.detach(), eps, p,
-                                        n_iters, tol)
-        f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
-    # On chip, problems stop one by one: n_iters is the longest run, read on first access.
-    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
-    if grad == "envelope":
-        point_gradients = (_library.sinkhorn_envelope_grad if x.shape[2] <= ENVELOPE_MAX_FEATURES
-                           else None)  # wider points: the reference's row-blocked backward
-        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, point_gradients)
-    else:
-        value = (a * f).sum(-1) + (b * g).sum(-1)
-    return value, state
+        solved = solve(x.detach(), y.detach(), a.detach(), b.detach(), eps, p, n_iters, tol)
+    point_gradients = (_library.sinkhorn_envelope_grad if x.shape[2] <= ENVELOPE_MAX_FEATURES
+                       else None)  # wider points: the reference's row-blocked backward
+    return _kernel_result(x, y, a, b, solved, eps, p, grad, point_gradients)
+
+
+def _max_points(limit: int, kernel: str, why: str):
+    """A dispatch ``limits`` rule: None for clouds of at most ``limit`` points, else the reason."""
+    def limits(problem):
+        n, m, _ = problem
+        if max(n, m) > limit:
+            return f"clouds of {max(n, m)} points exceed the {kernel}'s {limit} {why}"
+        return None
+    return limits
 
 
 def _cuda_envelope_gradients(x, y, a, b, f, g, eps, p, scale):
@@ -216,38 +232,18 @@ def _sinkhorn_cuda(x, y, a, b, eps, p, n_iters, tol, grad):
     iteration in one launch, each problem stopping on its own) and its envelope backward."""
     dense = [t.detach().float().contiguous() for t in (x, y, a, b)]
     with torch.no_grad():
-        f, g, error, iterations = _library_cuda.ops().sinkhorn_tiny(*dense, eps, p, n_iters, tol)
-        f, g, error = f.to(x.dtype), g.to(x.dtype), error.to(x.dtype)
-    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
-    if grad == "envelope":
-        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, _cuda_envelope_gradients)
-    else:
-        value = (a * f).sum(-1) + (b * g).sum(-1)
-    return value, state
+        solved = _library_cuda.ops().sinkhorn_tiny(*dense, eps, p, n_iters, tol)
+    return _kernel_result(x, y, a, b, solved, eps, p, grad, _cuda_envelope_gradients)
 
 
 # The CUDA kernel keeps one row and one column of a problem's cost in each lane of a warp.
 SINKHORN_CUDA_MAX_POINTS = 32
 
 
-def _cuda_tiny_limits(problem):
-    n, m, _ = problem
-    if max(n, m) > SINKHORN_CUDA_MAX_POINTS:
-        return (f"clouds of {max(n, m)} points exceed the CUDA tiny-cloud kernel's "
-                f"{SINKHORN_CUDA_MAX_POINTS} (one warp per problem); use backend='triton' or 'torch'")
-    return None
-
-
 _dispatch.register("sinkhorn", "cuda", _sinkhorn_cuda,
-                   dtypes=(torch.float16, torch.bfloat16, torch.float32), limits=_cuda_tiny_limits)
-
-
-def _onchip_limits(problem):
-    n, m, _ = problem
-    if max(n, m) > SINKHORN_ONCHIP_MAX_POINTS:
-        return (f"clouds of {max(n, m)} points exceed the on-chip Triton kernel's "
-                f"{SINKHORN_ONCHIP_MAX_POINTS} (no streamed SamplesLoss kernel in this version)")
-    return None
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                   limits=_max_points(SINKHORN_CUDA_MAX_POINTS, "CUDA tiny-cloud kernel",
+                                      "(one warp per problem); use backend='triton' or 'torch'"))
 
 
 _dispatch.register("sinkhorn", "triton", _sinkhorn_triton,
@@ -286,14 +282,9 @@ def _sinkhorn_cpu(x, y, a, b, eps, p, n_iters, tol, grad):
     backward."""
     with torch.no_grad():
         cost = ref_sinkhorn.cost_matrix(x.detach(), y.detach(), p)
-        f, g, error, iterations = _cpu_build.ops().sinkhorn(cost, a.detach(), b.detach(), eps, n_iters, tol)
+        solved = _cpu_build.ops().sinkhorn(cost, a.detach(), b.detach(), eps, n_iters, tol)
     del cost
-    state = ref_sinkhorn.SinkhornState(f, g, iterations, error)
-    if grad == "envelope":
-        value = ref_sinkhorn.EnvelopeValue.apply(x, y, a, b, f, g, eps, p, _cpu_envelope_point_gradients)
-    else:
-        value = (a * f).sum(-1) + (b * g).sum(-1)
-    return value, state
+    return _kernel_result(x, y, a, b, solved, eps, p, grad, _cpu_envelope_point_gradients)
 
 
 _dispatch.register("sinkhorn", "cpu", _sinkhorn_cpu, dtypes=(torch.float16, torch.bfloat16, torch.float32))
@@ -460,6 +451,14 @@ _dispatch.register("samples_loss", "cpu", _samples_loss_cpu,
                    dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
+def _extrapolate_packed(a, x, b, y, packed, p, eps, debias):
+    """The reference's last extrapolation (value and autograd) from a kernel's packed potentials."""
+    n, m = x.shape[1], y.shape[1]
+    parts = torch.split(packed.to(x.dtype), [n, m, n, m] * (2 if debias else 1), dim=1)
+    potentials = (parts[0], parts[1], parts[4], parts[5]) if debias else (parts[0], parts[1], None, None)
+    return ref_samples.extrapolated_divergence(a, x, b, y, p, eps, potentials)
+
+
 def _samples_loss_triton(a, x, b, y, p, blur, scaling, debias, diameter):
     """GeomLoss's annealed loop and last extrapolation in one Triton launch; tile-wise
     backward (wider points than ENVELOPE_MAX_FEATURES: the reference's extrapolation)."""
@@ -471,15 +470,13 @@ def _samples_loss_triton(a, x, b, y, p, blur, scaling, debias, diameter):
                                               eps_list, p, debias)
     if x.shape[2] <= ENVELOPE_MAX_FEATURES:
         return _TritonSamplesLossValue.apply(a, x, b, y, packed, eps_list[-1], p, debias)
-    n, m = x.shape[1], y.shape[1]
-    parts = torch.split(packed.to(x.dtype), [n, m, n, m] * (2 if debias else 1), dim=1)
-    potentials = (parts[0], parts[1], parts[4], parts[5]) if debias else (parts[0], parts[1], None, None)
-    return ref_samples.extrapolated_divergence(a, x, b, y, p, eps_list[-1], potentials)
+    return _extrapolate_packed(a, x, b, y, packed, p, eps_list[-1], debias)
 
 
 _dispatch.register("samples_loss", "triton", _samples_loss_triton,
                    dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                   limits=_onchip_limits)
+                   limits=_max_points(SINKHORN_ONCHIP_MAX_POINTS, "on-chip Triton kernel",
+                                      "(no streamed SamplesLoss kernel in this version)"))
 
 
 def _samples_loss_cuda(a, x, b, y, p, blur, scaling, debias, diameter):
@@ -492,26 +489,17 @@ def _samples_loss_cuda(a, x, b, y, p, blur, scaling, debias, diameter):
     dense = [t.detach().float().contiguous() for t in (x, y, a, b)]
     with torch.no_grad():
         packed = _library_cuda.ops().samples_loss_onchip(*dense, eps_list, p, debias)
-    n, m = x.shape[1], y.shape[1]
-    parts = torch.split(packed.to(x.dtype), [n, m, n, m] * (2 if debias else 1), dim=1)
-    potentials = (parts[0], parts[1], parts[4], parts[5]) if debias else (parts[0], parts[1], None, None)
-    return ref_samples.extrapolated_divergence(a, x, b, y, p, eps_list[-1], potentials)
+    return _extrapolate_packed(a, x, b, y, packed, p, eps_list[-1], debias)
 
 
 # One thread per point of a block: the on-chip CUDA kernel's bound.
 SAMPLES_LOSS_CUDA_MAX_POINTS = 256
 
 
-def _cuda_onchip_limits(problem):
-    n, m, _ = problem
-    if max(n, m) > SAMPLES_LOSS_CUDA_MAX_POINTS:
-        return (f"clouds of {max(n, m)} points exceed the on-chip CUDA kernel's "
-                f"{SAMPLES_LOSS_CUDA_MAX_POINTS} (one block per problem, one thread per point)")
-    return None
-
-
 _dispatch.register("samples_loss", "cuda", _samples_loss_cuda,
-                   dtypes=(torch.float16, torch.bfloat16, torch.float32), limits=_cuda_onchip_limits)
+                   dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                   limits=_max_points(SAMPLES_LOSS_CUDA_MAX_POINTS, "on-chip CUDA kernel",
+                                      "(one block per problem, one thread per point)"))
 
 
 class SamplesLoss(torch.nn.Module):

@@ -328,53 +328,36 @@ def pytest_terminal_summary(terminalreporter):
                                     f"(slowest: {slowest})")
 
 
-# ------------------------------------------------------------------ sinkhorn (csrc/sinkhorn.cu)
-# The ctypes library of test_sim_sinkhorn.py: the plain sim objects of _jobs (the
-# capi library's, csrc/*.cu include sinkhorn.cu) linked with sinkhorn_capi.cpp,
-# which includes sim_capi.cpp.  Added to the graph once _jobs has built it.
-SINKHORN_CAPI = TESTS / "sinkhorn_capi.cpp"
+# ------------------------------------------------------------------ per-kernel ctypes libraries
+# The ctypes libraries of test_sim_sinkhorn.py and test_sim_samples_loss.py: the plain sim
+# objects of _jobs (the capi library's; csrc/*.cu include every kernel) linked with the
+# kernel's own C API file, which includes sim_capi.cpp.  Added to the graph once _jobs has built it.
+KERNEL_CAPIS = {  # job name: (C API source, library file)
+    "sinkhorn_capi": (TESTS / "sinkhorn_capi.cpp", "libgf_sim_sinkhorn.so"),
+    "samples_loss_capi": (TESTS / "samples_loss_capi.cpp", "libgf_sim_samples_loss.so"),
+}
 FIXTURE_BUILDS["sinkhorn_library"] = ["sinkhorn_capi"]
-_jobs_without_sinkhorn = _jobs
+FIXTURE_BUILDS["samples_loss_library"] = ["samples_loss_capi"]
+_jobs_without_kernel_capis = _jobs
 
 
 def _jobs(config) -> dict:  # noqa: F811 (extends the graph above)
-    jobs = _jobs_without_sinkhorn(config)
-    if "sinkhorn_capi" not in jobs:
-        capi = jobs["capi"]
-        objs = [dep for dep in capi.deps if dep.name != f"sim/{SIM_CAPI.name}"]
-        wrapper = Job(f"sim/{SINKHORN_CAPI.name}", SINKHORN_CAPI.stem + ".o",
-                      [GXX, *COMMON, "-O2", "-fPIC", "-c", str(SINKHORN_CAPI), "-o", "@OUT@"], GXX,
-                      sources=[SINKHORN_CAPI, SIM_CAPI])
-        jobs["sinkhorn_capi"] = Job("sinkhorn_capi", "libgf_sim_sinkhorn.so", [GXX, "-shared", *objs, wrapper, "-o",
-                                                                               "@OUT@"], GXX, deps=objs + [wrapper])
+    jobs = _jobs_without_kernel_capis(config)
+    objs = [dep for dep in jobs["capi"].deps if dep.name != f"sim/{SIM_CAPI.name}"]
+    for name, (source, library) in KERNEL_CAPIS.items():
+        if name in jobs:
+            continue
+        wrapper = Job(f"sim/{source.name}", source.stem + ".o",
+                      [GXX, *COMMON, "-O2", "-fPIC", "-c", str(source), "-o", "@OUT@"], GXX,
+                      sources=[source, SIM_CAPI])
+        jobs[name] = Job(name, library, [GXX, "-shared", *objs, wrapper, "-o", "@OUT@"], GXX,
+                         deps=objs + [wrapper])
     return jobs
 
 
 @pytest.fixture(scope="session")
 def sinkhorn_library(request) -> Path:
     return _wait(request, "sinkhorn_capi")[0]
-
-
-# ------------------------------------------------------------------ samples loss (csrc/samples_loss.cu)
-# The ctypes library of test_sim_samples_loss.py, built as the sinkhorn block's: the plain
-# sim objects of the capi library linked with samples_loss_capi.cpp (which includes sim_capi.cpp).
-SAMPLES_LOSS_CAPI = TESTS / "samples_loss_capi.cpp"
-FIXTURE_BUILDS["samples_loss_library"] = ["samples_loss_capi"]
-_jobs_without_samples_loss = _jobs
-
-
-def _jobs(config) -> dict:  # noqa: F811 (extends the graph above)
-    jobs = _jobs_without_samples_loss(config)
-    if "samples_loss_capi" not in jobs:
-        capi = jobs["capi"]
-        objs = [dep for dep in capi.deps if dep.name != f"sim/{SIM_CAPI.name}"]
-        wrapper = Job(f"sim/{SAMPLES_LOSS_CAPI.name}", SAMPLES_LOSS_CAPI.stem + ".o",
-                      [GXX, *COMMON, "-O2", "-fPIC", "-c", str(SAMPLES_LOSS_CAPI), "-o", "@OUT@"], GXX,
-                      sources=[SAMPLES_LOSS_CAPI, SIM_CAPI])
-        jobs["samples_loss_capi"] = Job("samples_loss_capi", "libgf_sim_samples_loss.so",
-                                        [GXX, "-shared", *objs, wrapper, "-o", "@OUT@"], GXX,
-                                        deps=objs + [wrapper])
-    return jobs
 
 
 @pytest.fixture(scope="session")

@@ -423,13 +423,9 @@ def test_dbpr_step_opcheck(sim_extension):
 
 @pytest.fixture(scope="module")
 def sinkhorn_lib(sinkhorn_library):
-    import ctypes
+    from .test_sim_sinkhorn import open_library
 
-    from .test_sim_sinkhorn import SIGNATURES
-
-    lib = ctypes.CDLL(str(sinkhorn_library))
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
+    lib = open_library(sinkhorn_library)
     yield lib
     lib.gf_sim_set_order(0, 0)
 
@@ -520,13 +516,9 @@ def test_sinkhorn_opcheck(sim_extension):
 
 @pytest.fixture(scope="module")
 def samples_lib(samples_loss_library):
-    import ctypes
+    from .test_sim_samples_loss import open_library
 
-    from .test_sim_samples_loss import SIGNATURES
-
-    lib = ctypes.CDLL(str(samples_loss_library))
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
+    lib = open_library(samples_loss_library)
     yield lib
     lib.gf_sim_set_order(0, 0)
 

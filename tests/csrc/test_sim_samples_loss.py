@@ -48,12 +48,18 @@ SIGNATURES = {  # samples_loss_capi.cpp's entry points (and sim_capi.cpp's order
 WORST = []  # (error / bound, case) of every reference comparison, reported at the end
 
 
-@pytest.fixture(scope="module")
-def lib(samples_loss_library):
-    lib = ctypes.CDLL(str(samples_loss_library))
+def open_library(path):
+    """The ctypes handle of samples_loss_capi.cpp's library, its signatures set."""
+    lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
     lib.gf_sim_samples_loss_plan.restype = ctypes.c_longlong
+    return lib
+
+
+@pytest.fixture(scope="module")
+def lib(samples_loss_library):
+    lib = open_library(samples_loss_library)
     yield lib
     lib.gf_sim_set_order(0, 0)
     if WORST:

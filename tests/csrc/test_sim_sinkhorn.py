@@ -40,11 +40,17 @@ SIGNATURES = {  # sinkhorn_capi.cpp's entry points (and sim_capi.cpp's order swi
 }
 
 
-@pytest.fixture(scope="module")
-def lib(sinkhorn_library):
-    lib = ctypes.CDLL(str(sinkhorn_library))
+def open_library(path):
+    """The ctypes handle of sinkhorn_capi.cpp's library, its signatures set."""
+    lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
+    return lib
+
+
+@pytest.fixture(scope="module")
+def lib(sinkhorn_library):
+    lib = open_library(sinkhorn_library)
     yield lib
     lib.gf_sim_set_order(0, 0)
 
