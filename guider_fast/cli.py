@@ -69,6 +69,10 @@ def main(argv=None) -> int:
         "train", help="train a multi-modal graph recommender with GUIDER (or BPR) and evaluate it"))
     bench.add_arguments(sub.add_parser(
         "bench", help="run the benchmark suite; write a markdown ratio table and a PNG plot"))
+    from .train import features
+    features.add_arguments(sub.add_parser(
+        "text-features", help="write an MMRec text_feat.npy from a tab-separated item-text file "
+                              "(sentence embeddings; needs guider_fast[text])"))
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -76,6 +80,8 @@ def main(argv=None) -> int:
         return train_cli.run(args)
     if args.command == "bench":
         return bench.run(args)
+    if args.command == "text-features":
+        return features.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

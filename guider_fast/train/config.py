@@ -15,10 +15,12 @@ LOSSES = ("guider", "bpr")
 PRESETS = {
     # GUIDER as published (and ``GuiderLoss``'s defaults): random projections, flagged rows
     # weighted 1, clean below a normalised distance of 0.7.
-    "reference": {"align": False, "noisy_weight": 1.0, "threshold": 0.7},
-    # The recipe that denoises planted noise (threshold chosen on validation,
-    # benchmarks/results/train_cpu.md part 1c): aligned projections, flagged rows dropped.
-    "denoise": {"align": True, "noisy_weight": 0.0, "threshold": 0.3},
+    "reference": {"align": False, "noisy_weight": 1.0, "threshold": 0.7, "adaptive_threshold": False},
+    # The recipe that denoises: aligned projections, flagged rows dropped, and the threshold
+    # set by a two-cluster split of the training rows' distances (guider_fast.train.threshold;
+    # chosen on validation, benchmarks/results/train_cpu.md part 5): a fixed threshold on the
+    # min-max normalised distance flags most rows of data without noise.
+    "denoise": {"align": True, "noisy_weight": 0.0, "threshold": None, "adaptive_threshold": True},
 }
 DEFAULT_PRESET = "denoise"
 DISTILL = ("none", "kl", "ot")
@@ -26,9 +28,9 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 SELECT_METRIC = "recall@20"
 # The settings a checkpoint must share with the run that resumes from it (compared after the
 # preset is applied).
-RESUME_KEYS = ("data", "dim", "n_layers", "knn", "loss", "seed", "batch_size", "n_users", "n_items",
-               "noise", "distill", "threshold", "align", "noisy_weight")
-_PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items())
+RESUME_KEYS = ("data", "data_seed", "dim", "n_layers", "knn", "loss", "seed", "batch_size", "n_users", "n_items",
+               "noise", "distill", "threshold", "adaptive_threshold", "align", "noisy_weight")
+_PRESET_HELP = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items() if v is not None)
                          for name, values in PRESETS.items())
 
 
@@ -45,19 +47,28 @@ class TrainConfig:
     data: str = option("synthetic",
                        "'synthetic' (planted noisy interactions) or an MMRec dataset: a folder "
                        "with <name>.inter (+ text_feat.npy / image_feat.npy) or the .inter file")
-    epochs: int = option(30, "training epochs (fewer when early stopping ends the run)")
-    batch_size: int = option(2048, "training triplets per step")
+    # Defaults chosen on validation Recall@20 (benchmarks/results/train_cpu.md, part 5): every step
+    # propagates the whole graph, so a step costs about the same at any batch size, and batch 8192
+    # at lr 4e-3 reaches 97-99% of batch 2048 / lr 1e-3's best validation (synthetic, Amazon Baby)
+    # in a third to a quarter of the time; patience 10 lets Baby's slow climb finish.
+    epochs: int = option(200, "training epochs (fewer when early stopping ends the run)")
+    batch_size: int = option(8192, "training triplets per step")
     dim: int = option(64, "embedding size")
     n_layers: int = option(2, "LightGCN propagation layers", flag="--layers")
     knn: int = option(10, "neighbours of the item-item graph (0: off)")
-    lr: float = option(1e-3, "Adam learning rate")
+    lr: float = option(4e-3, "Adam learning rate")
     reg_weight: float = option(1e-4, "L2 weight on the batch's ID embeddings")
     loss: str = option("guider", "GUIDER (calibration + DBPR) or plain BPR", choices=LOSSES)
     preset: str = option(DEFAULT_PRESET, "GUIDER's calibration settings (--threshold, --align, "
                                          f"--noisy-weight given explicitly override them): {_PRESET_HELP}",
                          choices=tuple(PRESETS))
-    threshold: Optional[float] = option(None, "calibration clean threshold on the batch's normalised "
-                                              "distance (default: the preset's)")
+    threshold: Optional[float] = option(None, "fixed calibration clean threshold on the batch's normalised "
+                                              "distance (turns --adaptive-threshold off unless it is given; "
+                                              "default: the preset's)")
+    adaptive_threshold: Optional[bool] = option(None, "set the threshold before training by a two-cluster "
+                                                      "split of the training rows' modality distances; "
+                                                      "nothing is flagged when they form one cluster "
+                                                      "(default: the preset's)")
     align: Optional[bool] = option(None, "fit the image projection onto the text one, so the calibration "
                                          "measures modality disagreement (the reference keeps both random; "
                                          "default: the preset's)")
@@ -74,9 +85,13 @@ class TrainConfig:
                                                    "reference's MGDA two-task rule)")
     eval_every: int = option(1, "evaluate on the validation split every this many epochs (and after the "
                                 "last)")
-    patience: int = option(5, f"stop after this many evaluations without a better validation {SELECT_METRIC}")
+    patience: int = option(10, f"stop after this many evaluations without a better validation {SELECT_METRIC}")
     ks: Tuple[int, ...] = option((10, 20, 50), "the K of Recall@K and NDCG@K (must include 20)", cli=False)
-    seed: int = option(0, "seed of the synthetic data, the initialisation and the batch order")
+    seed: int = option(0, "seed of the initialisation and the batch order, and of the data unless --data-seed "
+                          "is given")
+    data_seed: Optional[int] = option(None, "seed of the synthetic data or of the generated features of an "
+                                            "MMRec dataset, so that runs of several --seed values share one "
+                                            "data set (default: --seed)")
     device: str = option("cpu", "cpu or cuda")
     checkpoint: Optional[str] = option(None, "save the training state here after every epoch (an existing "
                                              "file is refused unless --resume or --overwrite is given)")
@@ -94,12 +109,27 @@ class TrainConfig:
                                                  "number and not on the number of processes (default: the "
                                                  "number of processes; on --resume, the checkpoint's)")
 
+    @property
+    def seed_of_data(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
     def resolved(self) -> "TrainConfig":
         """A copy with every calibration setting left at None taken from the preset."""
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         values = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **values)
+        if self.threshold is not None:
+            if self.adaptive_threshold:
+                raise ValueError("threshold and adaptive_threshold both set the threshold: pass --threshold X "
+                                 "or --adaptive-threshold, not both")
+            values["adaptive_threshold"] = False  # an explicit --threshold is the threshold
+        out = dataclasses.replace(self, **values)
+        if out.adaptive_threshold:
+            out = dataclasses.replace(out, threshold=None)  # set by the split, before training
+        if not out.adaptive_threshold and out.threshold is None:
+            raise ValueError(f"--no-adaptive-threshold needs a fixed threshold: add --threshold X (preset "
+                             f"{self.preset!r} sets none)")
+        return out
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -125,6 +155,10 @@ class TrainConfig:
         weight = self.distill_weight
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"distill_weight must be None (MGDA) or a number >= 0, got {weight!r}")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         shards = self.virtual_shards
         if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
             raise ValueError(f"virtual_shards must be None or a positive integer, got {shards!r}")

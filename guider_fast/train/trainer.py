@@ -49,6 +49,7 @@ from . import data as gdata
 from .config import RESUME_KEYS, SELECT_METRIC, TrainConfig
 from .distill import kl_distill_loss, ot_distill_loss
 from .evaluate import popularity_metrics, ranking_metrics
+from .threshold import NO_FLAGS, split_threshold
 from .models import KNN_MAX_ITEMS, GraphRecommender, item_graph_from_features
 from .progress import EpochProgress
 
@@ -56,7 +57,7 @@ from .progress import EpochProgress
 def load_data(config: TrainConfig, log: Callable[[str], None]) -> gdata.InteractionData:
     if config.data == "synthetic":
         data = gdata.synthetic(n_users=config.n_users, n_items=config.n_items, noise=config.noise,
-                               seed=config.seed)
+                               seed=config.seed_of_data)
     else:
         data = gdata.load_mmrec(config.data)
         if config.loss == "guider" and data.text_feat is None and data.image_feat is None:
@@ -66,7 +67,7 @@ def load_data(config: TrainConfig, log: Callable[[str], None]) -> gdata.Interact
                 "synthetic text/image features from the interaction graph, NOT item content "
                 "(guider_fast.train.data.with_synthetic_features); real text features: "
                 "guider-fast text-features ITEMS.tsv DATASET_DIR")
-            data = gdata.with_synthetic_features(data, seed=config.seed)
+            data = gdata.with_synthetic_features(data, seed=config.seed_of_data)
     if config.loss == "guider" and (data.text_feat is None or data.image_feat is None):
         present = "text" if data.text_feat is not None else "image"
         raise ValueError(f"loss='guider' calibrates text against image features, but the dataset has "
@@ -263,20 +264,30 @@ class Trainer:
         config, data = self.config, self.data
         if config.loss != "guider":
             return None
+        fixed = not config.adaptive_threshold
         guider = GuiderLoss(data.text_feat.shape[1], data.image_feat.shape[1], embed_dim=config.dim,
-                            threshold=config.threshold, backend=config.backend,
+                            threshold=config.threshold if fixed else NO_FLAGS, backend=config.backend,
                             noisy_weight=config.noisy_weight).to(self.device)
         # The calibration weights carry no gradient: the projections and hash layers stay
         # at their initialisation (as in the reference), so every item is calibrated once.
         guider.requires_grad_(False)
+        rule = f"threshold {config.threshold:g}" if fixed else "adaptive threshold"
         self.log(f"GUIDER preset {config.preset!r}: align {config.align}, noisy_weight {config.noisy_weight:g}, "
-                 f"threshold {config.threshold:g}")
+                 f"{rule}")
         text, image = data.text_feat.to(self.device), data.image_feat.to(self.device)
         if config.align:
             fit = guider.align_projections(text, image)
             self.log(f"aligned image_proj onto text_proj: residual {fit['mse_before']:.4g} -> "
                      f"{fit['mse_after']:.4g}")
         guider.precompute_items(text, image)
+        if not fixed:
+            # Every item is calibrated once, so the training rows' distances are known now;
+            # every process of a sharded run sees all of them and gets the same threshold.
+            rows = guider.item_calibration.distance[data.train[:, 1].to(guider.item_calibration.distance.device,
+                                                                        torch.long)]
+            self.threshold_split = split_threshold(rows, config.batch_size, config.seed)
+            guider.threshold = self.threshold_split.threshold
+            self.log(self.threshold_split.describe())
         return guider
 
     def _build_student(self) -> Tuple[Optional[GraphRecommender], Optional[torch.optim.Optimizer]]:
@@ -341,6 +352,9 @@ class Trainer:
 
     def run(self) -> Dict:
         if self.running:
+            self.log("loss: the epoch's mean training loss; recall@20, ndcg@20: on the validation split; "
+                     "best: the epoch of the best validation recall@20 (the model kept); s/epoch: training "
+                     "seconds")
             self.log(f"{'epoch':>5} {'loss':>8} " + " ".join(f"{m:>9}" for m in ("recall@20", "ndcg@20"))
                      + f" {'best':>5} {'s/epoch':>8}")
         while self.running:
@@ -497,6 +511,10 @@ class Trainer:
             **self._run_info(),
         }
         result["baselines"] = self.baselines()
+        if self.guider is not None:
+            split = getattr(self, "threshold_split", None)
+            result["calibration"] = {"threshold": self.guider.threshold, "adaptive": split is not None,
+                                     **(dataclasses.asdict(split) if split is not None else {})}
         if state.noise_counts:
             result["noise_detection"] = {**flag_stats(state.noise_counts, known=True),
                                          "planted_share": float(self.data.noisy.float().mean())}

@@ -94,8 +94,10 @@ def test_mmrec_data_has_the_popularity_baseline_only(tmp_path):
 
 
 def test_presets_map_to_the_documented_settings():
-    assert PRESETS == {"reference": {"align": False, "noisy_weight": 1.0, "threshold": 0.7},
-                       "denoise": {"align": True, "noisy_weight": 0.0, "threshold": 0.3}}
+    assert PRESETS == {"reference": {"align": False, "noisy_weight": 1.0, "threshold": 0.7,
+                                     "adaptive_threshold": False},
+                       "denoise": {"align": True, "noisy_weight": 0.0, "threshold": None,
+                                   "adaptive_threshold": True}}
     # The reference preset is GuiderLoss's own defaults, which stay GUIDER as published.
     defaults = inspect.signature(GuiderLoss).parameters
     assert (defaults["threshold"].default, defaults["noisy_weight"].default) == (0.7, 1.0)
@@ -107,7 +109,16 @@ def test_presets_map_to_the_documented_settings():
     resolved = TrainConfig(preset="reference", threshold=0.5).resolved()
     assert (resolved.threshold, resolved.align, resolved.noisy_weight) == (0.5, False, 1.0)
     resolved = TrainConfig(preset="denoise", align=False, noisy_weight=0.25).resolved()
-    assert (resolved.threshold, resolved.align, resolved.noisy_weight) == (0.3, False, 0.25)
+    assert (resolved.adaptive_threshold, resolved.align, resolved.noisy_weight) == (True, False, 0.25)
+    # A fixed threshold turns the adaptive one off; asking for both, or for neither, is an error.
+    resolved = TrainConfig(preset="denoise", threshold=0.3).resolved()
+    assert (resolved.threshold, resolved.adaptive_threshold) == (0.3, False)
+    resolved = TrainConfig(preset="reference", adaptive_threshold=True).resolved()
+    assert (resolved.threshold, resolved.adaptive_threshold, resolved.align) == (None, True, False)
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(threshold=0.3, adaptive_threshold=True).resolved()
+    with pytest.raises(ValueError, match="--no-adaptive-threshold needs a fixed threshold"):
+        TrainConfig(adaptive_threshold=False).resolved()
     with pytest.raises(ValueError, match="preset"):
         TrainConfig(preset="fast").resolved()
 
@@ -127,8 +138,10 @@ def test_cli_presets_and_their_overrides():
 def test_the_trainer_uses_the_preset(preset):
     trainer = Trainer(TrainConfig(preset=preset, **SMALL), log=_quiet)
     want = PRESETS[preset]
+    threshold = trainer.threshold_split.threshold if want["adaptive_threshold"] else want["threshold"]
     assert (trainer.guider.threshold, trainer.guider.noisy_weight, trainer.config.align) == \
-        (want["threshold"], want["noisy_weight"], want["align"])
+        (threshold, want["noisy_weight"], want["align"])
+    assert hasattr(trainer, "threshold_split") == want["adaptive_threshold"]
 
 
 def test_history_carries_the_flags_per_epoch(tmp_path):
@@ -168,3 +181,14 @@ def test_importing_the_trainer_loads_no_matplotlib():
     code = ("import sys, guider_fast, guider_fast.train.trainer, guider_fast.train.cli; "
             "assert 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_seed_keeps_the_data_while_the_seed_changes():
+    small = dict(SMALL, epochs=1)
+    a = Trainer(TrainConfig(seed=1, data_seed=0, **small), log=_quiet)
+    b = Trainer(TrainConfig(seed=2, data_seed=0, **small), log=_quiet)
+    c = Trainer(TrainConfig(seed=0, **small), log=_quiet)
+    assert torch.equal(a.data.train, b.data.train) and torch.equal(a.data.train, c.data.train)
+    assert not torch.equal(a.model.user_emb, b.model.user_emb)
+    with pytest.raises(ValueError, match="data_seed must be a non-negative integer"):
+        TrainConfig(data_seed=-1).validate()

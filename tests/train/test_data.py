@@ -290,7 +290,9 @@ def test_synthetic_tiny_catalogue():
 
 
 def test_synthetic_million_items():
-    d = synthetic(n_users=100_000, n_items=1_000_000, text_dim=16, image_dim=16, seed=0)
+    # A small candidate pool: this checks the catalogue's scale; the cost of the default pool is
+    # n_users x pool draws (about 15 s of one core here), the same code at any catalogue size.
+    d = synthetic(n_users=100_000, n_items=1_000_000, text_dim=16, image_dim=16, pool=128, seed=0)
     assert d.n_items == 1_000_000 and d.text_feat.shape == (1_000_000, 16)
     assert abs(d.noisy.float().mean().item() - 0.2) < 0.01
 
