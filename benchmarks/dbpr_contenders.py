@@ -57,6 +57,11 @@ Command line (from the repository root):
     python benchmarks/dbpr_contenders.py floor [--rounds N]
         # the row-traffic floor at 100k x 1M, D = 64, B = 65,536: read-only and
         # read+write sweeps at several prefetch distances, 4 KiB and huge pages, memcpy
+    python benchmarks/dbpr_contenders.py cpu-before-after OLD_DBPR_STEP_CPU.cpp [--rounds N]
+        # the C++ CPU step: an older csrc/cpu/dbpr_step_cpu.cpp (e.g. from `git show
+        # REV:csrc/cpu/dbpr_step_cpu.cpp`), built beside the installed extension, against
+        # the installed one and the floor at 100k x 1M, D = 64, B = 65,536 (SGD and
+        # row-wise Adagrad, 4 KiB and huge pages), interleaved round by round in one process
     python benchmarks/dbpr_contenders.py before-after OLD_DBPR_STEP.py [--rounds N]
         # dbpr_step before/after: an older guider_fast/reference/dbpr_step.py
         # (e.g. from `git show REV:guider_fast/reference/dbpr_step.py`) against
@@ -551,6 +556,79 @@ def before_after(path: str, rounds: int = 10) -> str:
     return "\n".join(lines)
 
 
+def old_cpu_step(path: str, tag: str = "before"):
+    """An older csrc/cpu/dbpr_step_cpu.cpp (e.g. from `git show REV:csrc/cpu/dbpr_step_cpu.cpp`),
+    built with the extension's flags under its own op namespace (``guider_fast_cpu_<tag>``), so
+    that it loads beside the installed extension: returns its ``dbpr_step`` op."""
+    from torch.utils.cpp_extension import load
+    from guider_fast import _cpu_build
+
+    namespace = f"guider_fast_cpu_{tag}"
+    source = Path(path).read_text().replace("guider_fast_cpu", namespace)
+    source = source.replace('"../constants.h"', f'"{_cpu_build.REPO / "csrc" / "constants.h"}"')
+    directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"guider_fast_dbpr_{tag}_{os.getpid()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    copy = directory / f"dbpr_step_cpu_{tag}.cpp"
+    copy.write_text(source)
+    load(namespace, [str(copy)], extra_cflags=_cpu_build.compile_flags(_cpu_build.build_isa()),
+         build_directory=str(directory), is_python_module=False, verbose=False)
+    return getattr(torch.ops, namespace).dbpr_step
+
+
+def cpu_before_after(path: str, rounds: int = 20) -> str:
+    """Markdown: an older C++ CPU step (source file) against the installed one and the floor,
+    100k x 1M, D = 64, B = 65,536, K = 1, SGD and row-wise Adagrad, on 4 KiB and huge pages:
+    one process, the contenders interleaved round by round, each with its own table copy."""
+    torch.set_num_threads(1)
+    missing = cpu_extension_missing()
+    if missing is not None:
+        raise RuntimeError(missing)
+    from guider_fast import _cpu_build
+
+    ops = {"before": old_cpu_step(path), "after": _cpu_build.ops().dbpr_step}
+    lines = ["| pages | optimizer | contender | median ms | best ms | M trip/s (median) | M trip/s (best) "
+             "| vs floor | vs before |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    floor = floor_module()
+    for huge in (False, True):
+        shape = Shape(100_000, 1_000_000, 64, 65_536, huge_pages=huge)
+        problem = make_problem(shape)
+        for optimizer in ("sgd", "rowwise_adagrad"):
+            runs = {}
+            for name, op in ops.items():
+                user, item = copy_tables(problem)
+                adagrad = optimizer != "sgd"
+                acc_u = torch.zeros(shape.n_users) if adagrad else None
+                acc_i = torch.zeros(shape.n_items) if adagrad else None
+
+                def one(b, op=op, user=user, item=item, acc_u=acc_u, acc_i=acc_i, optimizer=optimizer):
+                    return op(user, item, b.users, b.pos_items, b.negatives_2d, b.weights, acc_u, acc_i,
+                              LR, 0.0, 1.0, optimizer)
+                runs[name] = rotating(one, problem.batches)
+            user, item = copy_tables(problem)
+            batches = [(b.users, b.pos_items, b.negatives_2d.contiguous()) for b in problem.batches]
+            runs["floor"] = rotating(lambda b, u=user, i=item: floor.rmw(u, i, *b, 16), batches)
+            for fn in runs.values():
+                fn()
+                fn()  # warm-up: workspace growth, first-touch page faults
+            times = {name: [] for name in runs}
+            for _ in range(rounds):
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            pages = f"huge ({huge_pages_mib():,.0f} MiB in use)" if huge else "4 KiB"
+            for name, values in times.items():
+                lines.append(f"| {pages} | {optimizer} | {name} | {med[name] * 1e3:.2f} | {min(values) * 1e3:.2f} "
+                             f"| {shape.batch / med[name] / 1e6:.2f} | {shape.batch / min(values) / 1e6:.2f} "
+                             f"| {med['floor'] / med[name]:.2f} | {med['before'] / med[name]:.2f} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+            del runs
+        _PROBLEM_CACHE.clear()
+        gc.collect()
+    return "\n".join(lines)
+
+
 INTERLEAVED = (GF_CPU_SGD, GF_CPU_ADAGRAD, GF_SGD, COMPILED, IMPLICIT, FLOOR)
 
 
@@ -657,6 +735,9 @@ def main(argv):
             print(floor_table(rounds or 8))
         else:
             print(interleaved(rounds or 12, "--all" in argv))
+    elif len(argv) >= 2 and argv[0] == "cpu-before-after":
+        rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 20
+        print(cpu_before_after(argv[1], rounds))
     elif len(argv) >= 2 and argv[0] == "before-after":
         rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 10
         print(before_after(argv[1], rounds))

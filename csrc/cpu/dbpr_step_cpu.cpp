@@ -18,11 +18,13 @@
 // benchmarks/results/dbpr_cpu.md): the torch step spends its time in separate passes
 // that each gather random rows again (index_select, embedding_bag, index_add_), plus a
 // sort.  Here:
-//  * no sort: one pass over the indices gives each distinct row a slot (a dense row ->
-//    slot map per table, int32 per table row, kept between steps and reset to -1 for the
-//    touched rows only) and finds each row's first and last occurrence.  Rows that occur
-//    once (most item rows of a large catalogue) need no partial sum at all; the others
-//    get one, numbered compactly, so the sums stay in cache;
+//  * no sort: two bits per table row (seen, seen again; 256 KiB for 1M rows, in L2, kept
+//    between steps and cleared after each) find the rows that occur more than once, and a
+//    small hash table of those rows alone numbers their partial sums and marks each one's
+//    first and last occurrence.  Rows that occur once (most item rows of a large
+//    catalogue) need no partial sum at all; the others get one, numbered compactly, so the
+//    sums stay in cache.  (A dense int32 row -> slot map, 4 MiB for 1M items, missed the
+//    cache on most of its accesses and cost 3 ms a step here, against 1.1-1.3 ms now);
 //  * one sweep over the triplets gathers each triplet's K + 2 rows once, scores them,
 //    and hands each row's contribution on: a single occurrence applies it to the row at
 //    once, a repeated row's first occurrence writes its sum, later ones add, and its last
@@ -31,15 +33,26 @@
 //    line is still in cache: the least traffic an exact step can do;
 //  * the log-sigmoids of a block of triplets are vectorised (Sleef through ATen's
 //    Vectorized<float>); libm's scalar expf / log1pf per triplet cost ~100 ns a triplet;
-//  * every random access (table rows, partial sums, map entries, accumulators) is
+//  * every random access (table rows, partial sums, bitmap words, accumulators) is
 //    prefetched a fixed distance ahead: one thread is bound by memory latency, not
 //    bandwidth or arithmetic, and prefetching is what keeps misses in flight;
+//  * D = 32 / 64 / 128 and K = 1 are compiled with D and K fixed (constant-length row
+//    loops: a few vector instructions each, memcpy inlined), the 16-lane dot's reduction
+//    is written out with AVX-512 intrinsics (the same additions in the same order), the
+//    index passes do not branch on whether a row repeats (a user row repeats in about
+//    every other triplet: such branches mispredict half the time).  These changes leave
+//    every result bit-identical;
 //  * the buffers are per thread and reused across steps (thread_local), 2 MiB-aligned
 //    and advised for huge pages when large: allocating them afresh costs page faults on
 //    every step, and random accesses on 4 KiB pages miss the TLB.
+//  Measured 2026-12-02 (AMD EPYC guest, benchmarks/results/dbpr_cpu.md): ~1.6x the
+//  previous version (dense slot map, runtime D) on 4 KiB pages.
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -64,11 +77,13 @@ namespace {
 
 constexpr double kAdagradEps = guider_fast::constants::ADAGRAD_EPS;
 // Prefetch distances: triplets ahead in the scoring sweep, occurrences ahead in the
-// slot pass.  Tuned on the shape above (flat from 16 to 64 triplets; 4 to 8 leave misses
-// exposed).
+// marking pass.  Tuned on the shape above (flat from 16 to 32 triplets; 8 to 12 leave
+// misses exposed, 48 is slower).
 constexpr int64_t kTripletsAhead = 16;
-// Triplets scored together (their log-sigmoids are vectorised).
-constexpr int64_t kBlock = 16;
+// Triplets scored together (their log-sigmoids are vectorised).  8 measured ~5% faster
+// than 16 or 32 (the block's prefetches are issued in a burst from its scoring loop) and
+// faster than 4.
+constexpr int64_t kBlock = 8;
 constexpr int64_t kIndicesAhead = 32;
 constexpr int64_t kLine = 64;
 
@@ -101,12 +116,35 @@ __attribute__((always_inline)) inline A dot(const A* __restrict a, const A* __re
   return part[0] + tail;
 }
 
+#ifdef __AVX512F__
+// The same sums in the same order, the 16 lanes in one register: the compiler vectorises
+// the lanes above but turns the halving tree into a loop through the stack (~40
+// instructions a dot, three dots a triplet).  Lane j accumulates fma(a, b, part) as the
+// vectorised loop above does (GCC contracts part[j] += a * b into an fma with -mfma); then
+// part[j] += part[j + 8], += part[j + 4], += part[j + 2], += part[j + 1], + tail.
+template <>
+__attribute__((always_inline)) inline float dot<float>(const float* __restrict a, const float* __restrict b,
+                                                       int64_t n) {
+  __m512 part = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) part = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), part);
+  float tail = 0;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(part),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(part), 1)));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+  return _mm_cvtss_f32(s1) + tail;
+}
+#endif
+
 #ifdef __linux__
 constexpr size_t kHugePage = size_t(2) << 20;
 #endif
 
 // Memory for a grow-only workspace buffer: 64-byte aligned, and from 2 MiB on, aligned to
-// and advised for transparent huge pages (the slot maps and sums are accessed at random:
+// and advised for transparent huge pages (the bitmaps, hash tables and sums are accessed at random:
 // on 4 KiB pages most of those accesses would also miss the TLB).
 inline void* allocate(size_t bytes) {
   size_t align = kLine;
@@ -140,21 +178,6 @@ struct Buffer {
   }
 };
 
-// Row -> slot map of one table, -1 for rows not in the current batch.  Between calls
-// every entry is -1: the Codes guard below resets the rows it assigned, also on errors.
-struct SlotMap {
-  Buffer<int32_t> buffer;
-  size_t rows = 0;
-  int32_t* get(int64_t n) {
-    if (static_cast<size_t>(n) > rows) {
-      int32_t* p = buffer.get(n);
-      std::fill(p, p + n, -1);
-      rows = n;
-    }
-    return buffer.data.get();
-  }
-};
-
 // Per occurrence of a row in the batch, what the scoring sweep does with its gradient
 // contribution: kSingle, the row's only occurrence: apply it to the row at once;
 // otherwise the index of the row's partial sum, with kFirst (write the sum) or kLast
@@ -164,16 +187,37 @@ constexpr uint32_t kFirst = 1u << 30;
 constexpr uint32_t kLast = 1u << 29;
 constexpr uint32_t kSumIndex = kLast - 1;
 
+// Two bits per table row, interleaved by 64-row words (word 2w: "seen", word 2w + 1:
+// "seen again"): 1M item rows take 256 KiB, which stays in L2, where a dense int32
+// row -> slot map (4 MiB) missed the cache on most of its random accesses and needed a
+// reset pass of random writes.  All zero between calls (the Codes guard clears the words
+// it set, also on errors).
+struct Bits {
+  Buffer<uint64_t> buffer;
+  size_t rows = 0;
+  uint64_t* get(int64_t n) {
+    if (static_cast<size_t>(n) > rows) {
+      const size_t words = 2 * ((static_cast<size_t>(n) + 63) / 64);
+      uint64_t* p = buffer.get(words);
+      std::fill(p, p + words, uint64_t(0));
+      rows = n;
+    }
+    return buffer.data.get();
+  }
+  size_t words() const { return 2 * ((rows + 63) / 64); }
+};
+
 struct Stream {
-  SlotMap map;
-  Buffer<int64_t> rows;      // distinct rows, in first-occurrence order
-  Buffer<int32_t> first, last, sum_index;  // per distinct row
-  Buffer<uint32_t> code;     // per occurrence: slot, then its code
+  Bits bits;
+  Buffer<int64_t> hash;   // repeated rows: (row << 32 | sum index), -1 empty; open addressing
+  Buffer<int32_t> last;   // per repeated row: its last occurrence
+  Buffer<int32_t> listed;  // the occurrences of repeated rows
+  Buffer<uint32_t> code;  // per occurrence
 };
 
 struct Workspace {
   Stream users, items;
-  Buffer<int64_t> item_index;  // the batch's item occurrences, flat
+  Buffer<int64_t> item_index;  // the batch's item occurrences, flat (K > 1)
   Buffer<float> sums;     // partial sums of the repeated rows
   Buffer<float> scratch;  // one block of triplets: rows, contribution, log-sigmoids
 };
@@ -184,27 +228,31 @@ Workspace& workspace() {
 }
 
 // Codes for the occurrences of one table's rows, in the order the scoring sweep visits
-// them; resets the slot map on destruction.
+// them; the bits are clear again when the constructor returns or throws.  No per-row state
+// beyond two bits: one pass marks each row seen / seen again (and range-checks, before
+// anything is written); a second lists the occurrences of repeated rows; a third, over
+// that list only, numbers the repeated rows' partial sums in order of first occurrence (a
+// small hash table of repeated rows: ~6% of the distinct items at B = 65,536 on 1M items,
+// ~30% of the users) and marks first and last occurrences.  The codes are those a dense
+// row -> slot map gives.
 class Codes {
  public:
   // row_of(o): the row of occurrence o; fail(o, row) throws the out-of-range error.
   template <typename RowOf, typename Fail>
   Codes(Stream& st, int64_t n_occ, int64_t n_rows, RowOf row_of, Fail fail)
-      : map_(st.map.get(n_rows)), rows_(st.rows.get(n_occ)) {
-    uint32_t* slot = st.code.get(n_occ);
-    int32_t* first = st.first.get(n_occ);
-    int32_t* last = st.last.get(n_occ);
-    // Slots in first-occurrence order; each slot's first and last occurrence.  A range
-    // error throws from here, where no destructor runs: reset the map before rethrowing.
+      : bits_(st.bits.get(n_rows)), words_(st.bits.words()) {
+    code_ = st.code.get(n_occ);
+    // A range error throws from here (no destructor runs): clear the bits set so far
+    // before rethrowing.
+    int64_t o = 0;
     try {
-      assign(n_occ, n_rows, row_of, fail, slot, first, last);
+      mark_and_number(st, n_occ, n_rows, row_of, fail, o);
     } catch (...) {
-      reset();
+      clear(row_of, o);
       throw;
     }
-    finish(st, n_occ, slot, first, last);
+    clear(row_of, n_occ);
   }
-  ~Codes() { reset(); }
   Codes(const Codes&) = delete;
   Codes& operator=(const Codes&) = delete;
 
@@ -212,54 +260,77 @@ class Codes {
   int64_t repeated() const { return repeated_; }
 
  private:
-  void reset() {
-    for (int64_t s = 0; s < count_; ++s) map_[rows_[s]] = -1;
-    count_ = 0;
-  }
-
   template <typename RowOf, typename Fail>
-  void assign(int64_t n_occ, int64_t n_rows, RowOf& row_of, Fail& fail, uint32_t* slot, int32_t* first,
-              int32_t* last) {
-    for (int64_t o = 0; o < n_occ; ++o) {
+  void mark_and_number(Stream& st, int64_t n_occ, int64_t n_rows, RowOf& row_of, Fail& fail, int64_t& o) {
+    // Mark (no branch on the bits); o counts the occurrences marked, for clear().
+    for (; o < n_occ; ++o) {
       if (o + kIndicesAhead < n_occ) {
         const int64_t ahead = row_of(o + kIndicesAhead);
-        if (ahead >= 0 && ahead < n_rows) __builtin_prefetch(map_ + ahead, 1, 3);
+        if (ahead >= 0 && ahead < n_rows) __builtin_prefetch(bits_ + 2 * (ahead >> 6), 1, 3);
       }
       const int64_t r = row_of(o);
       if (r < 0 || r >= n_rows) fail(o, r);
-      int32_t s = map_[r];
-      if (s < 0) {
-        s = static_cast<int32_t>(count_);
-        map_[r] = s;
-        rows_[count_++] = r;
-        first[s] = static_cast<int32_t>(o);
-      }
-      last[s] = static_cast<int32_t>(o);
-      slot[o] = static_cast<uint32_t>(s);
+      uint64_t* w = bits_ + 2 * (r >> 6);
+      const uint64_t m = uint64_t(1) << (r & 63);
+      const uint64_t seen = w[0], again = w[1];
+      repeated_ += (seen & ~again & m) != 0;
+      w[1] = again | (seen & m);
+      w[0] = seen | m;
+    }
+    // Number the repeated rows' sums.
+    const int64_t repeated = repeated_;
+    int shift = 4;
+    while ((int64_t(1) << shift) < 2 * repeated) ++shift;
+    const int64_t size = int64_t(1) << shift;
+    int64_t* hash = st.hash.get(size);
+    std::fill(hash, hash + size, int64_t(-1));
+    int32_t* last = st.last.get(std::max<int64_t>(repeated, 1));
+    // Without branches on the data (a user row is repeated in about every other triplet at
+    // B = 65,536 on 100k users: branches on it mispredict half the time): first every
+    // occurrence is single and the repeated ones are listed, then those are numbered.
+    int32_t* listed = st.listed.get(std::max<int64_t>(n_occ, 1));
+    int64_t n_listed = 0;
+    for (int64_t q = 0; q < n_occ; ++q) {
+      const int64_t r = row_of(q);
+      code_[q] = kSingle;
+      listed[n_listed] = static_cast<int32_t>(q);
+      n_listed += (bits_[2 * (r >> 6) + 1] >> (r & 63)) & 1;
+    }
+    int64_t count = 0;
+    for (int64_t i = 0; i < n_listed; ++i) {
+      const int64_t q = listed[i];
+      const int64_t r = row_of(q);
+      uint64_t h = (static_cast<uint64_t>(r) * 0x9E3779B97F4A7C15ull) >> (64 - shift);
+      int64_t e;
+      while ((e = hash[h]) >= 0 && (e >> 32) != r) h = (h + 1) & (size - 1);
+      const bool fresh = e < 0;
+      const int64_t m = fresh ? count : (e & 0xffffffff);
+      hash[h] = (r << 32) | m;
+      code_[q] = static_cast<uint32_t>(m) | (fresh ? kFirst : 0u);
+      last[m] = static_cast<int32_t>(q);
+      count += fresh;
+    }
+    for (int64_t m = 0; m < count; ++m) code_[last[m]] |= kLast;
+  }
+
+  // Zero the words of the first n occurrences' rows (or all words, when that is fewer).
+  template <typename RowOf>
+  void clear(RowOf& row_of, int64_t n) {
+    if (static_cast<int64_t>(words_) <= 2 * n) {
+      std::fill(bits_, bits_ + words_, uint64_t(0));
+      return;
+    }
+    for (int64_t o = 0; o < n; ++o) {
+      uint64_t* w = bits_ + 2 * (row_of(o) >> 6);
+      w[0] = 0;
+      w[1] = 0;
     }
   }
 
-  void finish(Stream& st, int64_t n_occ, uint32_t* slot, const int32_t* first, const int32_t* last) {
-    // Partial sums only for the rows that occur more than once, numbered compactly: at
-    // B = 65,536 on 1M items that is ~6% of the distinct items, so the sums stay in cache.
-    int32_t* sum_index = st.sum_index.get(count_);
-    for (int64_t s = 0; s < count_; ++s) {
-      sum_index[s] = first[s] == last[s] ? -1 : static_cast<int32_t>(repeated_++);
-    }
-    for (int64_t o = 0; o < n_occ; ++o) {
-      const uint32_t s = slot[o];
-      const int32_t m = sum_index[s];
-      slot[o] = m < 0 ? kSingle
-                      : static_cast<uint32_t>(m) | (first[s] == o ? kFirst : 0u) | (last[s] == o ? kLast : 0u);
-    }
-    code_ = slot;
-  }
-
-  int32_t* map_;
-  int64_t* rows_;
-  int64_t count_ = 0;
+  uint64_t* bits_;
+  size_t words_;
   int64_t repeated_ = 0;
-  const uint32_t* code_ = nullptr;
+  uint32_t* code_ = nullptr;
 };
 
 [[noreturn]] void index_error(const char* name, int64_t index, int64_t position, int64_t rows) {
@@ -325,11 +396,14 @@ struct Problem {
   bool adagrad;
 };
 
-template <typename T>
+// DC > 0: D known at compile time (DC == P.dim): every row loop below has a constant trip
+// count, so the compiler unrolls it into a few vector instructions with no loop or call
+// overhead (memcpy of a row included); DC == 0: any D.
+template <typename T, int64_t DC, int64_t KC>
 double run(const Problem& P, T* user, T* item, const float* weights, float* user_acc, float* item_acc,
            float* margins) {
   using A = float;
-  const int64_t B = P.batch, K = P.k, D = P.dim, KI = K + 1;
+  const int64_t B = P.batch, K = KC > 0 ? KC : P.k, D = DC > 0 ? DC : P.dim, KI = K + 1;
   Workspace& ws = workspace();
 
   // ---- codes: one pass over each table's indices (range-checked before anything is written)
@@ -338,17 +412,31 @@ double run(const Problem& P, T* user, T* item, const float* weights, float* user
   // The item occurrences in sweep order (p_b, n_b0 .. n_b,K-1), flat: finding occurrence
   // o's row by o / (K + 1) instead costs an integer division per lookup, which measured
   // as much as the map accesses themselves.
-  int64_t* item_index = ws.item_index.get(B * KI);
-  for (int64_t b = 0; b < B; ++b) {
-    item_index[b * KI] = P.pos[b];
-    for (int64_t j = 0; j < K; ++j) item_index[b * KI + 1 + j] = P.neg[b * K + j];
-  }
-  auto item_of = [&](int64_t o) { return item_index[o]; };
-  Codes item_codes(ws.items, B * KI, P.item_rows, item_of, [&](int64_t o, int64_t r) {
+  // For K = 1, occurrence o is pos[o / 2] or neg[o / 2] (a shift and a select).
+  auto item_fail = [&](int64_t o, int64_t r) {
     const int64_t b = o / KI, j = o - b * KI;
     if (j == 0) index_error("pos_items", r, b, P.item_rows);
     index_error("neg_items", r, b * K + j - 1, P.item_rows);
-  });
+  };
+  const int64_t* item_index = nullptr;
+  if (K != 1) {
+    int64_t* flat = ws.item_index.get(B * KI);
+    for (int64_t b = 0; b < B; ++b) {
+      flat[b * KI] = P.pos[b];
+      for (int64_t j = 0; j < K; ++j) flat[b * KI + 1 + j] = P.neg[b * K + j];
+    }
+    item_index = flat;
+  }
+  const int64_t* pos_rows = P.pos;
+  const int64_t* neg_rows = P.neg;
+  auto codes_of_items = [&]() {
+    if (K == 1) {
+      return Codes(ws.items, B * KI, P.item_rows,
+                   [=](int64_t o) { return (o & 1) ? neg_rows[o >> 1] : pos_rows[o >> 1]; }, item_fail);
+    }
+    return Codes(ws.items, B * KI, P.item_rows, [=](int64_t o) { return item_index[o]; }, item_fail);
+  };
+  Codes item_codes = codes_of_items();
   const uint32_t* ucode = user_codes.code();
   const uint32_t* icode = item_codes.code();
   A* sums = ws.sums.get((user_codes.repeated() + item_codes.repeated()) * D);
@@ -427,10 +515,18 @@ double run(const Problem& P, T* user, T* item, const float* weights, float* user
           __builtin_prefetch(iacc + P.pos[a], 1, 3);
           for (int64_t j = 0; j < K; ++j) __builtin_prefetch(iacc + P.neg[a * K + j], 1, 3);
         }
-        if (!(ucode[a] & kSingle)) prefetch_write(user_sums + (ucode[a] & kSumIndex) * D, sum_bytes);
+        // The partial sums of repeated rows (one prefetch either way: a single occurrence
+        // prefetches its row again).
+        const uint32_t cu = ucode[a];
+        prefetch_write((cu & kSingle) ? static_cast<const void*>(user + P.users[a] * P.user_stride)
+                                      : static_cast<const void*>(user_sums + (cu & kSumIndex) * D),
+                       sum_bytes);
         for (int64_t j = 0; j < KI; ++j) {
           const uint32_t c = icode[a * KI + j];
-          if (!(c & kSingle)) prefetch_write(item_sums + (c & kSumIndex) * D, sum_bytes);
+          const int64_t r = j == 0 ? P.pos[a] : P.neg[a * K + j - 1];
+          prefetch_write((c & kSingle) ? static_cast<const void*>(item + r * P.item_stride)
+                                       : static_cast<const void*>(item_sums + (c & kSumIndex) * D),
+                         sum_bytes);
         }
       }
       A* u = rows + t * per_triplet;
@@ -491,6 +587,31 @@ double run(const Problem& P, T* user, T* item, const float* weights, float* user
     }
   }
   return loss;
+}
+
+// The usual embedding widths (and K = 1) get a build with D (and K) fixed at compile time
+// (see run).
+template <typename T>
+double run_any(const Problem& P, T* user, T* item, const float* weights, float* user_acc, float* item_acc,
+               float* margins) {
+  if (P.k == 1) {
+    switch (P.dim) {
+      case 32:
+        return run<T, 32, 1>(P, user, item, weights, user_acc, item_acc, margins);
+      case 64:
+        return run<T, 64, 1>(P, user, item, weights, user_acc, item_acc, margins);
+      case 128:
+        return run<T, 128, 1>(P, user, item, weights, user_acc, item_acc, margins);
+      default:
+        return run<T, 0, 1>(P, user, item, weights, user_acc, item_acc, margins);
+    }
+  }
+  switch (P.dim) {
+    case 64:
+      return run<T, 64, 0>(P, user, item, weights, user_acc, item_acc, margins);
+    default:
+      return run<T, 0, 0>(P, user, item, weights, user_acc, item_acc, margins);
+  }
 }
 
 void check_table(const char* name, const at::Tensor& t) {
@@ -583,11 +704,11 @@ std::tuple<at::Tensor, at::Tensor> dbpr_step(at::Tensor user_table, at::Tensor i
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   float* mp = margins.data_ptr<float>();
   if (dtype == at::kFloat) {
-    loss = run<float>(P, user_table.data_ptr<float>(), item_table.data_ptr<float>(), wp, ua, ia, mp);
+    loss = run_any<float>(P, user_table.data_ptr<float>(), item_table.data_ptr<float>(), wp, ua, ia, mp);
   } else if (dtype == at::kHalf) {
-    loss = run<c10::Half>(P, user_table.data_ptr<c10::Half>(), item_table.data_ptr<c10::Half>(), wp, ua, ia, mp);
+    loss = run_any<c10::Half>(P, user_table.data_ptr<c10::Half>(), item_table.data_ptr<c10::Half>(), wp, ua, ia, mp);
   } else {
-    loss = run<c10::BFloat16>(P, user_table.data_ptr<c10::BFloat16>(), item_table.data_ptr<c10::BFloat16>(), wp,
+    loss = run_any<c10::BFloat16>(P, user_table.data_ptr<c10::BFloat16>(), item_table.data_ptr<c10::BFloat16>(), wp,
                               ua, ia, mp);
   }
   at::Tensor loss_t = at::full({}, loss * scale, user_table.options().dtype(at::kFloat));

@@ -3,7 +3,7 @@
 The shared grid (test_dbpr_step.py) runs backend "cpu" on its small cases; here: the
 duplicate-heavy and odd-sized batches that grid leaves to the torch step on CPU (its
 large cases), agreement with the torch step, run-to-run and cross-step determinism of
-the reused workspace (the row -> slot maps are reset after every step, also after an
+the reused workspace (the per-row bitmaps are cleared after every step, also after an
 error), the argument errors of the op itself, and how ``backend="auto"`` chooses it.
 """
 
@@ -23,10 +23,15 @@ CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (n_users, n_items, D, B, K, l2, reduction): the shared grid's CPU sizes (many repeats per
 # row), D = 1 on two items (every row repeated hundreds of times, often as positive and
 # negative of one triplet), mostly single occurrences with D = 65 (not a multiple of the
-# 16 lanes), and D = 300 with K = 4.
+# 16 lanes), and D = 300 with K = 4; then the widths the kernel compiles with D (and K = 1)
+# fixed: D = 32, 64 and 128 with K = 1 (with and without L2, users repeated in about half
+# the triplets as in training), and D = 64 with K = 3.
 CASES = [(300, 5000, 8, 3_000, 1, 0.01, "sum"), (300, 5000, 8, 20_000, 3, 0.0, "sum"),
          (300, 5000, 8, 40_000, 1, 0.0, "mean"), (3, 2, 1, 997, 2, 0.01, "mean"),
-         (1000, 50_000, 65, 4_099, 1, 0.0, "sum"), (57, 301, 300, 777, 4, 0.03, "mean")]
+         (1000, 50_000, 65, 4_099, 1, 0.0, "sum"), (57, 301, 300, 777, 4, 0.03, "mean"),
+         (300, 5000, 32, 20_000, 1, 0.0, "sum"), (6000, 20_000, 64, 4_000, 1, 0.0, "sum"),
+         (6000, 20_000, 64, 4_000, 1, 0.01, "mean"), (300, 5000, 64, 9_000, 3, 0.0, "sum"),
+         (500, 4000, 128, 5_000, 1, 0.0, "sum")]
 
 
 @pytest.fixture
