@@ -287,6 +287,18 @@ def rotating(fn, batches):
     return step
 
 
+def round_robin(runs, rounds):
+    """Seconds of each ``runs[key]()`` call, ``rounds`` calls each, one call per contender per
+    round (so the machine's drift hits every contender alike)."""
+    times = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 _PROBLEM_CACHE: dict = {}
 
 
@@ -610,12 +622,7 @@ def cpu_before_after(path: str, rounds: int = 20) -> str:
             for fn in runs.values():
                 fn()
                 fn()  # warm-up: workspace growth, first-touch page faults
-            times = {name: [] for name in runs}
-            for _ in range(rounds):
-                for name, fn in runs.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
+            times = round_robin(runs, rounds)
             med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
             pages = f"huge ({huge_pages_mib():,.0f} MiB in use)" if huge else "4 KiB"
             for name, values in times.items():
@@ -654,12 +661,8 @@ def interleaved(rounds: int = 12, every_shape: bool = False) -> str:
             runners[contender] = build(contender, problem)
         for step, _ in runners.values():
             step()  # warm-up (torch.compile compiles, implicit initialises)
-        times = {name: [] for name in runners}
-        for _ in range(rounds if shape.batch <= 65_536 else max(3, rounds // 4)):
-            for name, (step, _) in runners.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+        times = round_robin({name: step for name, (step, _) in runners.items()},
+                            rounds if shape.batch <= 65_536 else max(3, rounds // 4))
         rate = {name: runners[name][1] / sorted(t)[len(t) // 2] for name, t in times.items()}
         per_triplet = bytes_per_triplet(shape.dim, shape.k)
         pages = f"huge pages: {huge_pages_mib():,.0f} MiB in use" if shape.huge_pages else "4 KiB pages"
@@ -697,14 +700,9 @@ def floor_table(rounds: int = 8) -> str:
         runs[(pages, "index_select", None)] = rotating(
             lambda b, u=user, i=item: (u.index_select(0, b[0]), i.index_select(0, b[1]),
                                        i.index_select(0, b[2].reshape(-1))), batches)
-    times = {key: [] for key in runs}
     for run in runs.values():
         run()
-    for _ in range(rounds * len(batches)):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+    times = round_robin(runs, rounds * len(batches))
     source, target = torch.randn(64 << 18), torch.empty(64 << 18)  # 64 MiB each
     copies = []
     for _ in range(rounds):

@@ -49,8 +49,8 @@ class TrainConfig:
                        "with <name>.inter (+ text_feat.npy / image_feat.npy) or the .inter file")
     # Defaults chosen on validation Recall@20 (benchmarks/results/train_cpu.md, part 5): every step
     # propagates the whole graph, so a step costs about the same at any batch size, and batch 8192
-    # at lr 4e-3 reaches 97-99% of batch 2048 / lr 1e-3's best validation (synthetic, Amazon Baby)
-    # in a third to a quarter of the time; patience 10 lets Baby's slow climb finish.
+    # at lr 4e-3 reaches 98% of batch 2048 / lr 1e-3's best validation (synthetic, seed 0) in a
+    # third of the time; with patience 10 Amazon Baby's BPR run ends at its long run's model.
     epochs: int = option(200, "training epochs (fewer when early stopping ends the run)")
     batch_size: int = option(8192, "training triplets per step")
     dim: int = option(64, "embedding size")

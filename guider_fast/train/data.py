@@ -401,8 +401,8 @@ def synthetic(n_users: int = 20_000, n_items: int = 7_000, *, interactions_per_u
        ``pool = 1024`` picks each user's rows from about the top 1% of a fifth of the catalogue.
        With the defaults this gives, on the validation split, a popularity Recall@20 of 0.041-0.045
        and an item-item co-occurrence Recall@20 (user rows times the train item-item count
-       matrix) of 0.096-0.098 (seeds 0, 1), near Amazon Baby's 0.048 and 0.082 (same density).  The pool is uniform, so the true score below remains the
-       best possible ranking.  Never ``users x items``: memory is ``O(chunk * C * dim)``, users
+       matrix) of 0.096-0.098 (seeds 0, 1), near Amazon Baby's 0.048 and 0.082 (same density).
+       The pool is uniform, so the true score below remains the best possible ranking.  Never ``users x items``: memory is ``O(chunk * C * dim)``, users
        in chunks.
     5. Split.  Each row independently goes to test with probability ``test_share``, to valid with
        ``valid_share``, else train; each user's row with the largest split draw is forced into
